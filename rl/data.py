@@ -1,0 +1,253 @@
+"""Math problems with gold final answers: GSM8K, MATH-500, OlympiadBench, MATH train, DeepScaleR and the
+synthetic arithmetic task, from a hub id (through `datasets`) or a local JSON / JSONL / Parquet file.
+
+`load_problems(cfg, split)` is the one entry point. Each dataset is a `_Source` in `SOURCES`: where it
+lives on the hub and a small row parser that turns one raw row into (question, gold answers). Rows come
+from, in order of precedence: `cfg.path` (a local file), the synthetic generator (for `synthetic`), or
+`datasets.load_dataset(hub_id, hub_config, split=...)`.
+
+| name | hub id (config) | split(s) | question | gold |
+|---|---|---|---|---|
+| gsm8k | openai/gsm8k (main) | train, test | `question` | text after `####` in `answer`, as written (`1,450,000`) |
+| math500 | HuggingFaceH4/MATH-500 | test | `problem` | `answer` |
+| olympiadbench | Hothan/OlympiadBench (OE_TO_maths_en_COMP) | test (hub split `train`) | `question` | every string of `final_answer` |
+| math | DigitalLearningGmbH/MATH-lighteval | train, test | `problem` | last `\\boxed{...}` of `solution` (by `rewards.extract.last_boxed`) |
+| deepscaler | agentica-org/DeepScaleR-Preview-Dataset | train | `problem` | `answer` |
+| synthetic | (generated, `rl.synthetic`) | train, test | question | the integer answer |
+
+Notes on the choices:
+- OlympiadBench: the config holds the 675 open-ended, text-only, English, competition maths problems (the
+  set Qwen2.5-Math and the paper evaluate on); the hub stores them under its only split, `train`, so our
+  `test` is mapped to it. `final_answer` is a list of strings on the hub and in the Qwen2.5-Math file; a
+  bare string is accepted and wrapped, so both shapes give a tuple of answers. A non-null `context`
+  (shared setup of multi-part problems) is prepended to the question, since the question alone can be
+  unanswerable without it.
+- MATH train: MATH-lighteval holds all seven subjects in one default config (EleutherAI/hendrycks_math
+  needs one config per subject). Its train split is the original 7,500-problem MATH train, which is
+  disjoint from MATH-500 (drawn from MATH test).
+- Golds are kept as written (stripped of surrounding whitespace only): normalising them is the reward's job,
+  and doing it twice would hide disagreements.
+
+Local files are read plainly (json / pyarrow) rather than through `datasets.load_dataset("json")`: errors
+can then name the file and row, there is no cache written next to the user's home, and Arrow's schema
+inference (which fails on rows whose fields change type, e.g. a null `context` next to a string one) never
+runs. A `{split}` in `cfg.path` is replaced by the split name, so one config can name both splits
+(`data/gsm8k_{split}.jsonl`); a path without it serves every split from the same file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from rewards.extract import gsm8k_gold, last_boxed
+from rl.synthetic import SyntheticConfig, make_examples
+
+DATASETS = ("synthetic", "gsm8k", "math500", "olympiadbench", "math", "deepscaler")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem. `answers` holds every acceptable gold final answer (any one is correct)."""
+
+    uid: str
+    question: str
+    answers: tuple[str, ...]
+    source: str
+
+
+@dataclass
+class DataConfig:
+    """Which problems to train and evaluate on. `path` (a local file) overrides the hub id.
+
+    `path` may contain `{split}`, replaced by the split being loaded (see the module docstring)."""
+
+    name: str = "synthetic"
+    path: str | None = None
+    hub_id: str | None = None  # None = the dataset's usual hub id
+    hub_config: str | None = None  # None = the dataset's usual config (only used when hub_id is None too)
+    train_split: str = "train"
+    eval_split: str = "test"
+    limit: int | None = None  # keep the first `limit` problems of a split (None = all)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+class _BadRow(ValueError):
+    """A row parser's complaint; `load_problems` adds the origin (file or hub id) and the row index."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"key {key!r}: {problem}")
+        self.key = key
+
+
+def _text(row: Mapping[str, Any], key: str) -> str:
+    """The non-empty string at `row[key]`, stripped."""
+    if key not in row:
+        raise _BadRow(key, f"missing (row has keys {sorted(row)})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise _BadRow(key, f"expected a string, got {type(value).__name__} {value!r:.80}")
+    if not value.strip():
+        raise _BadRow(key, "empty")
+    return value.strip()
+
+
+# Row parsers: raw row -> (question, gold answers). One per dataset; they raise _BadRow.
+RowParser = Callable[[Mapping[str, Any]], tuple[str, tuple[str, ...]]]
+
+
+def _parse_gsm8k(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    try:
+        gold = gsm8k_gold(_text(row, "answer"))
+    except ValueError as err:  # no '####' marker
+        raise _BadRow("answer", str(err)) from None
+    if not gold:
+        raise _BadRow("answer", "nothing after '####'")
+    return _text(row, "question"), (gold,)
+
+
+def _parse_problem_answer(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    return _text(row, "problem"), (_text(row, "answer"),)
+
+
+def _parse_olympiadbench(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    question = _text(row, "question")
+    context = row.get("context")  # optional in the schema: absent and null both mean "no shared setup"
+    if isinstance(context, str) and context.strip():
+        question = f"{context.strip()}\n{question}"
+    if "final_answer" not in row:
+        raise _BadRow("final_answer", f"missing (row has keys {sorted(row)})")
+    raw = row["final_answer"]
+    answers = [raw] if isinstance(raw, str) else raw
+    if not isinstance(answers, list | tuple) or not answers:
+        raise _BadRow("final_answer", f"expected a non-empty list of strings, got {raw!r:.80}")
+    if not all(isinstance(a, str) and a.strip() for a in answers):
+        raise _BadRow("final_answer", f"expected non-empty strings, got {raw!r:.80}")
+    return question, tuple(a.strip() for a in answers)
+
+
+def _parse_math_solution(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    solution = _text(row, "solution")
+    gold = last_boxed(solution)
+    if gold is None or not gold.strip():
+        raise _BadRow(
+            "solution", f"its last \\boxed{{...}} is missing, unclosed or empty: {solution[-80:]!r}"
+        )
+    return _text(row, "problem"), (gold.strip(),)
+
+
+def _parse_synthetic(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    answer = row.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        raise _BadRow("answer", f"expected an int, got {answer!r:.80}")
+    return _text(row, "question"), (str(answer),)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a dataset lives and how to read one row."""
+
+    parse: RowParser
+    hub_id: str | None = None
+    hub_config: str | None = None
+    # Our split name -> the hub's, where they differ.
+    hub_splits: Mapping[str, str] = field(default_factory=dict)
+    id_key: str | None = None  # the dataset's own stable row id, used in the uid when present
+
+
+SOURCES: dict[str, _Source] = {
+    "gsm8k": _Source(_parse_gsm8k, "openai/gsm8k", "main"),
+    "math500": _Source(_parse_problem_answer, "HuggingFaceH4/MATH-500", id_key="unique_id"),
+    "olympiadbench": _Source(
+        _parse_olympiadbench, "Hothan/OlympiadBench", "OE_TO_maths_en_COMP", {"test": "train"}, id_key="id"
+    ),
+    "math": _Source(_parse_math_solution, "DigitalLearningGmbH/MATH-lighteval"),
+    "deepscaler": _Source(_parse_problem_answer, "agentica-org/DeepScaleR-Preview-Dataset"),
+    "synthetic": _Source(_parse_synthetic),
+}
+assert set(SOURCES) == set(DATASETS), (sorted(SOURCES), DATASETS)
+
+
+def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
+    """The problems of `split` for `cfg.name`, in the dataset's order, the first `cfg.limit` of them.
+
+    Raises ValueError for an unknown name, a missing file or a malformed row (naming file or hub id, row
+    index and key).
+    """
+    if cfg.name not in SOURCES:
+        raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise ValueError(f"data.limit={cfg.limit}: must be >= 0 or None")
+    source = SOURCES[cfg.name]
+    origin, rows = _rows(cfg, source, split)
+    problems = []
+    for index, row in enumerate(islice(rows, cfg.limit)):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{origin}: row {index}: expected an object, got {type(row).__name__}")
+        try:
+            question, answers = source.parse(row)
+        except _BadRow as err:
+            raise ValueError(f"{origin}: row {index}: {err}") from None
+        own_id = row.get(source.id_key) if source.id_key else None
+        uid = f"{cfg.name}-{own_id}" if own_id is not None else f"{cfg.name}-{split}-{index}"
+        problems.append(Problem(uid=uid, question=question, answers=answers, source=cfg.name))
+    seen: set[str] = set()
+    for index, p in enumerate(problems):
+        if p.uid in seen:
+            raise ValueError(f"{origin}: row {index}: duplicate uid {p.uid!r} (key {source.id_key!r})")
+        seen.add(p.uid)
+    return problems
+
+
+def _rows(cfg: DataConfig, source: _Source, split: str) -> tuple[str, Iterable[Any]]:
+    """(origin for error messages, raw rows) from the local file, the generator or the hub."""
+    if cfg.path is not None:
+        path = Path(cfg.path.replace("{split}", split))
+        return str(path), _read_file(path)
+    if source.hub_id is None:  # only the generated dataset has no hub home
+        examples = make_examples(cfg.synthetic, split)
+        return f"synthetic[{split}]", ({"question": e.question, "answer": e.answer} for e in examples)
+    hub_id = cfg.hub_id or source.hub_id
+    # An overridden hub id takes its config from cfg alone: the default config belongs to the default id.
+    hub_config = cfg.hub_config if cfg.hub_id or cfg.hub_config else source.hub_config
+    hub_split = source.hub_splits.get(split, split) if cfg.hub_id is None else split
+    import datasets  # lazy: importing datasets costs seconds and the synthetic path never needs it
+
+    dataset = datasets.load_dataset(hub_id, hub_config, split=hub_split)
+    return f"{hub_id} ({hub_config or 'default'}, split {hub_split})", dataset
+
+
+def _read_file(path: Path) -> list[Any]:
+    """Rows of a .jsonl, .json (a list of objects) or .parquet file."""
+    if not path.is_file():
+        raise ValueError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue  # a trailing blank line is common and is not a row
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    where = f"{path}: line {line_no} (row {len(rows)})"
+                    raise ValueError(f"{where}: invalid JSON: {err}") from None
+        return rows
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
+        return rows
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"data file {path}: unsupported suffix {suffix!r}; expected .jsonl, .json or .parquet")

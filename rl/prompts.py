@@ -1,0 +1,91 @@
+"""Prompt rendering: question -> the text (and token ids) a policy continues with its chain of thought.
+
+Every prompt ends with the think-start delimiter, so the first generated position is the first CoT step
+(hard, soft or fuzzy) and the rollout never has to decide whether the model is "in" its thinking yet.
+
+Two renderings:
+
+1. With a chat template (`use_chat_template` and `tokenizer.chat_template` set): the messages (system
+   first when set, then the user message) go through `tokenizer.apply_chat_template(...,
+   add_generation_prompt=True)`. The template carries its own special tokens (bos, role markers).
+2. Without one (base models, the character-level tiny model): `f"{bos_token}{user}\\n"`, with
+   `system` (when set) as a first paragraph `f"{system}\\n\\n"`. The bos token is written as text (when
+   the tokenizer has one) so that a rendered prompt always holds all its special tokens, exactly as a chat
+   template does; hence there is one tokenisation rule for both cases: `add_special_tokens=False`.
+
+The user message is `f"{question}\\n{instruction}"`, or the bare question when the instruction is empty.
+
+Think-start: appended unless the rendered text already ends with it, ignoring trailing whitespace.
+Templates of reasoning models (DeepSeek-R1 distills, some Qwen3 variants) already open the block as
+`<think>\\n`; that text is then kept verbatim, trailing newline included, because it is what the model was
+trained to continue from. So "ends with think_start" holds up to trailing whitespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PromptConfig:
+    """How a question becomes a prompt. `system=None` sends no system message."""
+
+    instruction: str = "Think step by step, then give the final answer in \\boxed{}."
+    system: str | None = None
+    think_start: str = "<think>"
+    think_end: str = "</think>"
+    use_chat_template: bool = True  # False forces the plain rendering even when a template exists
+
+
+def user_message(question: str, cfg: PromptConfig) -> str:
+    """The user turn: the question, then the instruction on its own line (when there is one).
+
+    >>> user_message("1+1?", PromptConfig(instruction=""))
+    '1+1?'
+    >>> user_message("1+1?", PromptConfig(instruction="Be brief."))
+    '1+1?\\nBe brief.'
+    """
+    return f"{question}\n{cfg.instruction}" if cfg.instruction else question
+
+
+def render_prompt(tokenizer: Any, question: str, cfg: PromptConfig) -> str:
+    """The full prompt text for `question`, ending with `cfg.think_start` (up to trailing whitespace).
+
+    A tokenizer without a chat template (here a stand-in with only the attributes read) gets the plain
+    rendering:
+
+    >>> from types import SimpleNamespace
+    >>> tok = SimpleNamespace(chat_template=None, bos_token="<s>")
+    >>> render_prompt(tok, "What is 2+3?", PromptConfig(instruction="Answer in \\\\boxed{}."))
+    '<s>What is 2+3?\\nAnswer in \\\\boxed{}.\\n<think>'
+    """
+    if not question.strip():
+        raise ValueError(f"render_prompt: empty question {question!r}")
+    user = user_message(question, cfg)
+    if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user}]
+        if cfg.system is not None:
+            messages.insert(0, {"role": "system", "content": cfg.system})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not isinstance(text, str):
+            kind = type(text).__name__
+            raise TypeError(f"apply_chat_template(tokenize=False) returned {kind}, expected a str")
+    else:
+        bos = getattr(tokenizer, "bos_token", None) or ""
+        system = f"{cfg.system}\n\n" if cfg.system is not None else ""
+        text = f"{bos}{system}{user}\n"
+    if cfg.think_start and not text.rstrip().endswith(cfg.think_start):
+        text += cfg.think_start
+    return text
+
+
+def encode_prompts(tokenizer: Any, questions: Sequence[str], cfg: PromptConfig) -> list[list[int]]:
+    """Render and tokenize each question. `add_special_tokens=False` because the rendered text already
+    holds every special token (from the chat template, or the bos written by the plain rendering);
+    letting the tokenizer add its own would double the bos (and some tokenizers would append an eos)."""
+    texts = [render_prompt(tokenizer, q, cfg) for q in questions]
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

@@ -1,0 +1,113 @@
+"""Typed records that carry rollouts from the engine to rewards, the learner and the evaluation writer.
+
+Shape legend (used on every tensor line in this project):
+    N  rollouts in a batch (= prompts × G samples; the G samples of one prompt are contiguous)
+    G  samples per prompt
+    P  prompt length (left-padded to the longest prompt in the batch)
+    T  CoT steps (right-padded to the longest CoT in the batch)
+    A  answer tokens (right-padded), beginning with the think-end delimiter
+    V  vocabulary size
+    d  hidden size (embedding width)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+THINK_END_REASONS = ("token", "delimiter", "entropy", "max_tokens")
+"""Why thinking ended, indexed by `Rollouts.think_end`:
+token = the top-1 token was the think-end token (hard mode: the sampled token was);
+delimiter = the top-1 stream ended with a multi-token think-end string; entropy = cold stop; max_tokens = T cap."""
+
+
+@dataclass
+class Rollout:
+    """One sample, as plain Python values, for writing JSONL and for the soft-trace view."""
+
+    prompt_ids: list[int]
+    cot_mode: str
+    cot_ids: list[int]  # hard: the sampled CoT tokens (= inputs); soft/fuzzy: equal to cot_top1_ids
+    cot_inputs: torch.Tensor | None  # [T_i, d] float32 vectors h_t for soft/fuzzy; None for hard
+    cot_top1_ids: list[int]  # element t: argmax of the distribution that produced CoT input t
+    cot_entropy: list[float]  # H(p_t) in nats, per CoT step
+    cot_logprobs: list[float]  # behaviour log-prob per CoT step (Gaussian density for vectors)
+    answer_ids: list[int]  # every hard token after the CoT inputs, beginning with the think delimiter
+    answer_logprobs: list[float]  # behaviour log-prob per answer token (0.0 for forced delimiter tokens)
+    answer_text: str
+    think_end: str  # one of THINK_END_REASONS
+
+
+@dataclass
+class Rollouts:
+    """A batch of N rollouts in fixed-shape tensors (see the shape legend above).
+
+    A teacher-forced sequence for row i is prompt_ids[i][prompt_mask[i]] ++ CoT inputs[:cot_lengths[i]] ++
+    answer_ids[i][:answer_lengths[i]]. CoT input t was produced from the logits at the position before it.
+    """
+
+    cot_mode: str  # hard | soft | fuzzy
+    prompt_ids: torch.Tensor  # [N, P] int64, left-padded with the pad id
+    prompt_mask: torch.Tensor  # [N, P] bool, True on real prompt tokens
+    group_index: torch.Tensor  # [N] int64, which prompt (0..N/G-1) each row belongs to
+    cot_ids: torch.Tensor  # [N, T] int64: hard = sampled token ids; soft/fuzzy = top-1 ids; pad past length
+    cot_inputs: torch.Tensor | None  # [N, T, d] float32 h_t for soft/fuzzy (zeros past length); None for hard
+    cot_top1_ids: torch.Tensor  # [N, T] int64
+    cot_mask: torch.Tensor  # [N, T] bool, True on real CoT steps
+    cot_entropy: torch.Tensor  # [N, T] float32, H(p_t) of the (filtered, tempered) CoT distribution, nats
+    cot_logprobs: torch.Tensor  # [N, T] float32 behaviour log-prob of each CoT action
+    answer_ids: torch.Tensor  # [N, A] int64, right-padded with the pad id
+    answer_mask: torch.Tensor  # [N, A] bool, True on real answer tokens (delimiter included)
+    answer_action_mask: torch.Tensor  # [N, A] bool, True on sampled answer tokens (forced delimiter excluded)
+    answer_logprobs: torch.Tensor  # [N, A] float32 behaviour log-prob (0 where not an action)
+    think_end: torch.Tensor  # [N] int64 index into THINK_END_REASONS
+    sigma: float  # noise std σ used for the Gaussian CoT steps (0 for hard or noiseless)
+    temperature: float  # CoT temperature τ
+    answer_texts: list[str] = field(default_factory=list)  # N decoded answer phases (filled by the engine)
+
+    @property
+    def num_rollouts(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def cot_lengths(self) -> torch.Tensor:  # [N]
+        return self.cot_mask.sum(dim=1)
+
+    @property
+    def answer_lengths(self) -> torch.Tensor:  # [N]
+        return self.answer_mask.sum(dim=1)
+
+    def samples(self, tokenizer=None) -> list[Rollout]:
+        """The per-sample view (CPU, plain Python values). `answer_text` comes from `answer_texts` when the engine
+        filled it, else from decoding the sampled answer tokens with `tokenizer`, else ""."""
+        cpu = {name: getattr(self, name).cpu() for name in (
+            "prompt_ids", "prompt_mask", "cot_ids", "cot_top1_ids", "cot_mask", "cot_entropy", "cot_logprobs",
+            "answer_ids", "answer_mask", "answer_action_mask", "answer_logprobs", "think_end")}
+        inputs = None if self.cot_inputs is None else self.cot_inputs.detach().float().cpu()  # [N, T, d]
+        out = []
+        for i in range(self.num_rollouts):
+            t, a = int(cpu["cot_mask"][i].sum()), int(cpu["answer_mask"][i].sum())
+            answer_ids = cpu["answer_ids"][i, :a]
+            if self.answer_texts:
+                text = self.answer_texts[i]
+            elif tokenizer is not None:
+                text = tokenizer.decode(answer_ids[cpu["answer_action_mask"][i, :a]].tolist(), skip_special_tokens=True)
+            else:
+                text = ""
+            out.append(
+                Rollout(
+                    prompt_ids=cpu["prompt_ids"][i][cpu["prompt_mask"][i]].tolist(),
+                    cot_mode=self.cot_mode,
+                    cot_ids=cpu["cot_ids"][i, :t].tolist(),
+                    cot_inputs=None if inputs is None else inputs[i, :t].clone(),
+                    cot_top1_ids=cpu["cot_top1_ids"][i, :t].tolist(),
+                    cot_entropy=cpu["cot_entropy"][i, :t].tolist(),
+                    cot_logprobs=cpu["cot_logprobs"][i, :t].tolist(),
+                    answer_ids=answer_ids.tolist(),
+                    answer_logprobs=cpu["answer_logprobs"][i, :a].tolist(),
+                    answer_text=text,
+                    think_end=THINK_END_REASONS[int(cpu["think_end"][i])],
+                )
+            )
+        return out
