@@ -1,0 +1,288 @@
+"""Teacher-forced log-probs of every action in a batch of rollouts under the current model (DESIGN.md §1, Learner).
+
+One forward pass of the transformer body over, per row i,
+
+    [ E[prompt_i (real tokens only)] ; CoT inputs_i ; E[answer_i] ]           length L_i = P_i + T_i + A_i
+
+where the CoT inputs are E[cot_ids] for hard CoT and the stored vectors h_t for soft / fuzzy CoT. Each action is
+scored from the hidden state one position before it:
+
+- hard CoT step t:     log_softmax(filter(z_{t-1}) / τ)[c_t]                      (`cot_log_probs`)
+- soft / fuzzy step t: log N(h_t; μ_t(θ), σ² I_d), μ_t(θ) = softmax(filter(z_{t-1}(θ)) / τ) E(θ)
+                       (`cot_log_probs`, `mixture_mean`, `gaussian_log_prob`)
+- answer token a:      log_softmax(filter_top_p(z_{a-1}) / τ_answer)[a]  (forced think-end tokens are not scored)
+
+The functions from `rollouts.distributions` are the ones the rollout engine uses, so rollout and learner compute
+the same numbers; p_t and μ_t are float32 whatever the model dtype. The h_t are constants (float32, cast to the
+model dtype only as inputs): no gradient flows through the recurrence that produced them, only through μ_t(θ),
+both via z_{t-1} and via E (a parameter; tied or not to the output head).
+
+Packing: rows are RIGHT-padded to L = max_i L_i, with position ids 0..L-1 and an attention mask that is 1 on the
+first L_i positions. Real tokens then sit at the same positions 0..L_i-1 as in an unpadded single-row pass, causal
+attention never lets a real position see a pad, and no query row is fully masked (left padding would give the
+leading pad rows an all-masked attention row, a NaN hazard in some kernels).
+
+Memory: the body runs once; the output head, log-softmax and μ run over chunks of `chunk_size` scored positions,
+each chunk under activation checkpointing when gradients are on, so at most one chunk of [chunk, V] float32
+logits is alive at a time, in the forward and in the backward. `chunk_size=0` is the dense reference path (all
+positions at once, no checkpointing); tests check that both agree in values and gradients.
+
+The body is `model.get_decoder()` and the head `model.get_output_embeddings()` (Llama, Qwen2/2.5/3, Mistral,
+Gemma; tied and untied). `config.final_logit_softcapping` (Gemma 2) is applied as the model's own forward does.
+Pass the unwrapped model (e.g. `accelerator.unwrap_model(model)`): the head is called outside the top-level
+forward.
+
+Shape legend (see `rollouts.record`): N rollouts, P prompt, T CoT steps, A answer tokens, L packed sequence
+length, M scored positions of one kind in the batch, V vocabulary, d embedding width, H model hidden size (= d).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rollouts.config import CotConfig
+from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
+from rollouts.record import Rollouts
+
+
+@dataclass
+class LogProbConfig:
+    """`chunk_size`: scored positions per output-head chunk (0 = dense reference path: all at once)."""
+
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"logprobs.chunk_size={self.chunk_size}: must be >= 0 (0 = dense)")
+
+
+@dataclass
+class SequenceLogProbs:
+    """Per-action log-probs of a batch under one model (float32; zeros where the mask is False)."""
+
+    cot_mode: str  # hard | soft | fuzzy
+    cot: torch.Tensor  # [N, T] log π(CoT action): token log-prob (hard) or Gaussian log-density (soft/fuzzy)
+    cot_mask: torch.Tensor  # [N, T] bool, True on real CoT steps
+    answer: torch.Tensor  # [N, A] log π(answer token) at the answer temperature
+    answer_mask: torch.Tensor  # [N, A] bool, True on scored answer tokens (= Rollouts.answer_action_mask)
+    mu: torch.Tensor | None  # [N, T, d] μ_t(θ) for soft/fuzzy (zeros past length); None for hard
+    sigma: float  # σ of the Gaussian CoT steps (0 for hard)
+    cot_entropy: torch.Tensor  # [N, T] H(p_t) nats, detached
+    answer_entropy: torch.Tensor  # [N, A] entropy of the answer-token distribution, nats, detached
+
+    def detach(self) -> SequenceLogProbs:
+        """A copy with every tensor detached (the PPO "old" policy, or a reference model's numbers)."""
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).detach()
+                for f in fields(self)
+                if torch.is_tensor(getattr(self, f.name))
+            },
+        )
+
+
+@dataclass
+class LogProbGap:
+    """Rollout-vs-learner health metric: mean |behaviour log-prob - learner log-prob| per step type (nats)."""
+
+    cot: float
+    answer: float
+
+
+def sequence_log_probs(
+    model: torch.nn.Module,
+    rollouts: Rollouts,
+    cot: CotConfig,
+    cfg: LogProbConfig | None = None,
+    *,
+    answer_temperature: float = 1.0,
+    answer_top_p: float = 1.0,
+) -> SequenceLogProbs:
+    """Score every CoT step and every sampled answer token of `rollouts` under `model` (see module docstring).
+
+    `cot` must be the CotConfig the rollouts were generated with (mode, temperature and filter are reused);
+    `answer_temperature` / `answer_top_p`: how the answer tokens were sampled (training: 1.0 / 1.0; a greedy
+    temperature 0 is scored at 1), i.e. `cot.answer_temperature` / `cot.answer_top_p` of the rollout config.
+    Runs with gradients when called under grad mode; call under `torch.no_grad()` for a reference model.
+    """
+    cfg = cfg or LogProbConfig()
+    if cot.mode != rollouts.cot_mode or cot.temperature != rollouts.temperature:
+        raise ValueError(
+            f"CotConfig (mode={cot.mode!r}, temperature={cot.temperature}) does not match the rollouts "
+            f"(mode={rollouts.cot_mode!r}, temperature={rollouts.temperature})"
+        )
+    continuous = cot.continuous
+    if continuous and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
+        raise ValueError(
+            f"{cot.mode} CoT needs stored cot_inputs and sigma > 0 to score Gaussian actions "
+            f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
+        )
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    decoder = model.get_decoder()
+    if head is None or decoder is model:
+        raise TypeError(
+            f"{type(model).__name__}: expected a causal LM with an output head and a decoder body"
+        )
+    device = embedding.weight.device
+    dtype = embedding.weight.dtype
+    softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+
+    prompt_mask = rollouts.prompt_mask.to(device)  # [N, P]
+    cot_mask = rollouts.cot_mask.to(device)  # [N, T]
+    answer_mask = rollouts.answer_mask.to(device)  # [N, A]
+    action_mask = rollouts.answer_action_mask.to(device) & answer_mask  # [N, A]
+    _check_right_padded(cot_mask, "cot_mask")
+    _check_right_padded(answer_mask, "answer_mask")
+    p_len = prompt_mask.sum(dim=1)  # [N]
+    t_len = cot_mask.sum(dim=1)  # [N]
+    a_len = answer_mask.sum(dim=1)  # [N]
+    if bool((p_len == 0).any()):
+        raise ValueError(f"rows {(p_len == 0).nonzero().flatten().tolist()} have an empty prompt")
+    n, t_max = cot_mask.shape
+    a_max = answer_mask.shape[1]
+    seq_len = p_len + t_len + a_len  # [N]
+    length = int(seq_len.max())
+
+    # --- pack: one row = real prompt tokens ; CoT inputs ; answer tokens ; right padding
+    pos = torch.arange(length, device=device).unsqueeze(0)  # [1, L]
+    # real prompt tokens moved to the front, in order (prompts are left-padded; any mask pattern works)
+    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # [N, P]
+    prompt_ids = rollouts.prompt_ids.to(device).gather(1, order)  # [N, P]
+    in_prompt = pos < p_len[:, None]  # [N, L]
+    in_cot = (pos >= p_len[:, None]) & (pos < (p_len + t_len)[:, None])  # [N, L]
+    in_answer = (pos >= (p_len + t_len)[:, None]) & (pos < seq_len[:, None])  # [N, L]
+    cot_index = (pos - p_len[:, None]).clamp(0, max(t_max - 1, 0))  # [N, L] CoT step at each position
+    answer_index = (pos - (p_len + t_len)[:, None]).clamp(0, a_max - 1)  # [N, L]
+    ids = torch.zeros(n, length, dtype=torch.long, device=device)  # [N, L]
+    ids = torch.where(
+        in_prompt, prompt_ids.gather(1, pos.clamp(max=prompt_ids.shape[1] - 1).expand(n, -1)), ids
+    )
+    ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), ids)
+    if not continuous and t_max > 0:
+        ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), ids)
+    inputs_embeds = embedding(ids)  # [N, L, d]
+    h_all: torch.Tensor | None = None
+    if continuous:
+        assert rollouts.cot_inputs is not None
+        h_all = rollouts.cot_inputs.to(device=device, dtype=torch.float32).detach()  # [N, T, d] constants
+        if t_max > 0:
+            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, L, d]
+            inputs_embeds = torch.where(in_cot[..., None], h_seq.to(dtype), inputs_embeds)
+    attention_mask = (pos < seq_len[:, None]).long()  # [N, L]
+    position_ids = pos.expand(n, -1)  # [N, L]
+    hidden = decoder(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [N, L, H]
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:  # [M, H] -> [M, V] float32
+        z = head(x).float()
+        if softcap is not None:
+            z = torch.tanh(z / softcap) * softcap
+        return z
+
+    # --- CoT steps: scored from the position before each step
+    rows, steps = cot_mask.nonzero(as_tuple=True)  # [M_c]
+    cot_hidden = hidden[rows, p_len[rows] + steps - 1]  # [M_c, H]
+    cot_lp = torch.zeros(n, t_max, device=device)  # [N, T]
+    cot_ent = torch.zeros(n, t_max, device=device)  # [N, T]
+    mu_out: torch.Tensor | None = None
+    if continuous:
+        assert h_all is not None
+        emb_weight = embedding.weight  # [V, d], a parameter: μ's gradient reaches E here
+
+        def soft_chunk(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logp = cot_log_probs(logits_of(x), cot)  # [M, V] float32
+            mu = mixture_mean(logp.exp(), emb_weight)  # [M, d] float32
+            return gaussian_log_prob(h, mu, rollouts.sigma), mu, entropy(logp.detach())
+
+        lp, mu, ent = _chunked(soft_chunk, (cot_hidden, h_all[rows, steps]), cfg.chunk_size)
+        mu_out = torch.zeros(n, t_max, h_all.shape[-1], device=device).index_put(
+            (rows, steps), mu
+        )  # [N, T, d]
+    else:
+        actions = rollouts.cot_ids.to(device)[rows, steps]  # [M_c]
+
+        def hard_chunk(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logp = cot_log_probs(logits_of(x), cot)  # [M, V]
+            return logp.gather(1, c[:, None]).squeeze(1), entropy(logp.detach())
+
+        lp, ent = _chunked(hard_chunk, (cot_hidden, actions), cfg.chunk_size)
+    cot_lp = cot_lp.index_put((rows, steps), lp)
+    cot_ent = cot_ent.index_put((rows, steps), ent.detach())
+
+    # --- answer tokens (sampled ones only; the forced delimiter is context)
+    tau_a = answer_temperature if answer_temperature > 0 else 1.0
+    a_rows, a_steps = action_mask.nonzero(as_tuple=True)  # [M_a]
+    ans_hidden = hidden[a_rows, p_len[a_rows] + t_len[a_rows] + a_steps - 1]  # [M_a, H]
+    tokens = rollouts.answer_ids.to(device)[a_rows, a_steps]  # [M_a]
+
+    def answer_chunk(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logp = torch.log_softmax(filter_logits(logits_of(x), top_p=answer_top_p) / tau_a, dim=-1)  # [M, V]
+        return logp.gather(1, a[:, None]).squeeze(1), entropy(logp.detach())
+
+    alp, aent = _chunked(answer_chunk, (ans_hidden, tokens), cfg.chunk_size)
+    ans_lp = torch.zeros(n, a_max, device=device).index_put((a_rows, a_steps), alp)  # [N, A]
+    ans_ent = torch.zeros(n, a_max, device=device).index_put((a_rows, a_steps), aent.detach())  # [N, A]
+
+    return SequenceLogProbs(
+        cot_mode=cot.mode,
+        cot=cot_lp,
+        cot_mask=cot_mask,
+        answer=ans_lp,
+        answer_mask=action_mask,
+        mu=mu_out,
+        sigma=rollouts.sigma if continuous else 0.0,
+        cot_entropy=cot_ent,
+        answer_entropy=ans_ent,
+    )
+
+
+def log_prob_gap(rollouts: Rollouts, learner: SequenceLogProbs) -> LogProbGap:
+    """Mean |rollout behaviour log-prob - learner log-prob| over CoT steps and over sampled answer tokens.
+
+    Large CoT gaps in soft/fuzzy mode mean the rollout's μ differs from the learner's (DESIGN.md, Numerics).
+    """
+    cot_mask = learner.cot_mask
+    ans_mask = learner.answer_mask
+    cot_diff = (rollouts.cot_logprobs.to(learner.cot.device) - learner.cot.detach()).abs()[cot_mask]
+    ans_diff = (rollouts.answer_logprobs.to(learner.answer.device) - learner.answer.detach()).abs()[ans_mask]
+    return LogProbGap(
+        cot=cot_diff.mean().item() if cot_diff.numel() else 0.0,
+        answer=ans_diff.mean().item() if ans_diff.numel() else 0.0,
+    )
+
+
+def _chunked(
+    fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...], chunk_size: int
+) -> tuple[torch.Tensor, ...]:
+    """Apply `fn` over chunks of the leading dim of `inputs` and concatenate its outputs.
+
+    With gradients on, each chunk runs under non-reentrant checkpointing so its [chunk, V] intermediates are
+    freed after the forward and recomputed in the backward. `chunk_size=0` runs `fn` once on everything.
+    """
+    total = inputs[0].shape[0]
+    if chunk_size == 0 or total <= chunk_size:
+        return fn(*inputs)
+    parts = []
+    for start in range(0, total, chunk_size):
+        chunk = tuple(x[start : start + chunk_size] for x in inputs)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(fn, *chunk, use_reentrant=False))
+        else:
+            parts.append(fn(*chunk))
+    return tuple(torch.cat(out, dim=0) for out in zip(*parts, strict=True))
+
+
+def _check_right_padded(mask: torch.Tensor, name: str) -> None:
+    """A right-padded mask is True exactly on the first `length` entries of each row."""
+    lengths = mask.sum(dim=1, keepdim=True)  # [N, 1]
+    expected = torch.arange(mask.shape[1], device=mask.device)[None] < lengths
+    if not torch.equal(mask, expected):
+        bad = (mask != expected).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"{name} must be right-padded (True then False); rows {bad} are not")
