@@ -14,7 +14,7 @@ def _default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RewardConfig:
     """Configuration of answer extraction, the verification pool and the format reward.
 

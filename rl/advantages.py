@@ -59,6 +59,10 @@ class Advantages:
     def num_unjudged(self) -> int:
         return int((~self.mask).sum())
 
+    def select(self, rows: slice) -> Advantages:
+        """The rows in `rows` (for micro-batching)."""
+        return Advantages(values=self.values[rows], mask=self.mask[rows], rewards=self.rewards[rows])
+
 
 @dataclass
 class _GroupStats:

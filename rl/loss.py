@@ -50,6 +50,7 @@ import torch
 
 from rl.advantages import Advantages
 from rl.logprobs import SequenceLogProbs
+from rollouts.record import Rollouts
 
 AGGREGATIONS = ("token", "sequence", "constant")
 
@@ -88,6 +89,7 @@ class LossOutput:
     """The scalar to backpropagate plus detached statistics (means over valid steps of each kind; 0 if none)."""
 
     loss: torch.Tensor  # [] = cot_term + answer_term
+    cot_loss: torch.Tensor  # [] the CoT term with its graph (for diagnosing the CoT gradient alone)
     cot_term: float  # CoT contribution to the loss (cot_weight included)
     answer_term: float  # answer contribution to the loss
     clip_fraction: float  # fraction of all action steps where the clipped branch is active
@@ -165,6 +167,21 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].float().sum() / count) if count else 0.0
 
 
+def loss_normalizer(rollouts: Rollouts, advantages: Advantages, cfg: LossConfig) -> float:
+    """The denominator `policy_loss` would use for this batch alone (see the module docstring, point 5):
+    token = number of action steps of judged rows; sequence = number of judged rows with at least one action
+    step; constant = judged rows × max_len_norm. Summed over micro-batches and processes, it is the GLOBAL
+    normaliser that makes a split batch give the same gradient as the whole.
+    """
+    judged = advantages.mask.to(rollouts.cot_mask.device)  # [N]
+    steps = rollouts.cot_mask.sum(dim=1) + rollouts.answer_action_mask.sum(dim=1)  # [N]
+    if cfg.aggregation == "token":
+        return float(steps[judged].sum())
+    if cfg.aggregation == "sequence":
+        return float(((steps > 0) & judged).sum())
+    return float(judged.sum()) * cfg.max_len_norm
+
+
 def policy_loss(
     new: SequenceLogProbs,
     advantages: Advantages,
@@ -172,8 +189,12 @@ def policy_loss(
     *,
     old: SequenceLogProbs | None = None,
     ref: SequenceLogProbs | None = None,
+    normalizer: float | None = None,
 ) -> LossOutput:
     """The objective of the module docstring for one (micro-)batch.
+
+    `normalizer`: the global denominator of `loss_normalizer` summed over every micro-batch and process of
+    the update (None = this batch's own, the plain single-batch objective).
 
     `new`: log-probs under the current model (with grad). `old`: the learner's detached log-probs from the start
     of the update (None: `new.detach()`, i.e. the first PPO iteration, ratio exactly 1). `ref`: a frozen
@@ -203,20 +224,21 @@ def policy_loss(
     n_cot = cot.mask.sum(dim=1)  # [N]
     n_ans = ans.mask.sum(dim=1)  # [N]
     if cfg.aggregation == "token":
-        denom = (n_cot + n_ans).sum().clamp(min=1)
+        denom = (n_cot + n_ans).sum().clamp(min=1) if normalizer is None else max(normalizer, 1.0)
         cot_term, answer_term = cot_sum.sum() / denom, ans_sum.sum() / denom
     elif cfg.aggregation == "sequence":
         per_row = (n_cot + n_ans).clamp(min=1)  # [N]
-        rows = ((n_cot + n_ans) > 0).sum().clamp(min=1)
+        rows = ((n_cot + n_ans) > 0).sum().clamp(min=1) if normalizer is None else max(normalizer, 1.0)
         cot_term, answer_term = (cot_sum / per_row).sum() / rows, (ans_sum / per_row).sum() / rows
     else:  # constant
-        denom = row_mask.sum().clamp(min=1) * cfg.max_len_norm
+        denom = row_mask.sum().clamp(min=1) * cfg.max_len_norm if normalizer is None else max(normalizer, 1.0)
         cot_term, answer_term = cot_sum.sum() / denom, ans_sum.sum() / denom
 
     all_clipped = int(cot.clipped.sum() + ans.clipped.sum())
     all_steps = int(cot.mask.sum() + ans.mask.sum())
     return LossOutput(
         loss=cot_term + answer_term,
+        cot_loss=cot_term,
         cot_term=float(cot_term.detach()),
         answer_term=float(answer_term.detach()),
         clip_fraction=all_clipped / all_steps if all_steps else 0.0,

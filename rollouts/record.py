@@ -111,3 +111,72 @@ class Rollouts:
                 )
             )
         return out
+
+    def select(self, rows: slice) -> Rollouts:
+        """The rollouts in `rows` (a contiguous slice; group indices are kept as they are)."""
+        def take(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows]
+
+        return Rollouts(
+            cot_mode=self.cot_mode, prompt_ids=take(self.prompt_ids), prompt_mask=take(self.prompt_mask),
+            group_index=take(self.group_index), cot_ids=take(self.cot_ids), cot_inputs=take(self.cot_inputs),
+            cot_top1_ids=take(self.cot_top1_ids), cot_mask=take(self.cot_mask), cot_entropy=take(self.cot_entropy),
+            cot_logprobs=take(self.cot_logprobs), answer_ids=take(self.answer_ids), answer_mask=take(self.answer_mask),
+            answer_action_mask=take(self.answer_action_mask), answer_logprobs=take(self.answer_logprobs),
+            think_end=take(self.think_end), sigma=self.sigma, temperature=self.temperature,
+            answer_texts=self.answer_texts[rows] if self.answer_texts else [],
+        )
+
+
+def _pad_to(x: torch.Tensor, length: int, dim: int, value: float | int | bool, left: bool = False) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    pad = torch.full(shape, value, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=dim)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int = 0) -> Rollouts:
+    """Stack batches row-wise: prompts re-left-padded, CoT and answers re-right-padded, group indices offset
+    so that groups stay distinct. All parts must share mode, σ and τ."""
+    if not parts:
+        raise ValueError("concat_rollouts: nothing to concatenate")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.cot_mode, p.sigma, p.temperature) != (first.cot_mode, first.sigma, first.temperature):
+            raise ValueError("concat_rollouts: parts differ in cot_mode, sigma or temperature")
+    width = max(p.prompt_ids.shape[1] for p in parts)
+    t_len = max(p.cot_mask.shape[1] for p in parts)
+    a_len = max(p.answer_mask.shape[1] for p in parts)
+    offset, groups = 0, []
+    for p in parts:
+        groups.append(p.group_index + offset)
+        offset += int(p.group_index.max()) + 1 if p.group_index.numel() else 0
+
+    def cat(name: str, length: int, value: float | int | bool, left: bool = False) -> torch.Tensor:
+        return torch.cat([_pad_to(getattr(p, name), length, 1, value, left) for p in parts])
+
+    return Rollouts(
+        cot_mode=first.cot_mode,
+        prompt_ids=cat("prompt_ids", width, pad_id, left=True),
+        prompt_mask=cat("prompt_mask", width, False, left=True),
+        group_index=torch.cat(groups),
+        cot_ids=cat("cot_ids", t_len, pad_id),
+        cot_inputs=None if first.cot_inputs is None else cat("cot_inputs", t_len, 0.0),
+        cot_top1_ids=cat("cot_top1_ids", t_len, pad_id),
+        cot_mask=cat("cot_mask", t_len, False),
+        cot_entropy=cat("cot_entropy", t_len, 0.0),
+        cot_logprobs=cat("cot_logprobs", t_len, 0.0),
+        answer_ids=cat("answer_ids", a_len, pad_id),
+        answer_mask=cat("answer_mask", a_len, False),
+        answer_action_mask=cat("answer_action_mask", a_len, False),
+        answer_logprobs=cat("answer_logprobs", a_len, 0.0),
+        think_end=torch.cat([p.think_end for p in parts]),
+        sigma=first.sigma,
+        temperature=first.temperature,
+        answer_texts=[t for p in parts for t in p.answer_texts] if all(p.answer_texts for p in parts) else [],
+    )

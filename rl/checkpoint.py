@@ -1,0 +1,113 @@
+"""Checkpoints: written atomically (a temporary directory, then one rename), the last K kept, and found again
+by `resume=auto`.
+
+A checkpoint directory `checkpoints/step_000040/` holds the policy (`save_pretrained`, so any checkpoint also
+deploys with ordinary tools) and `trainer_state.pt`: optimizer, scheduler, every RNG, the data position, σ
+and the counters. A directory still named `*.tmp` was interrupted mid-write and is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps completed
+    consumed: int = 0  # training prompts drawn so far (the data position)
+    rms: dict[str, float] = field(default_factory=dict)  # rms(E) of the starting embeddings, per kind
+    sigma: float = 0.0  # σ of the training CoT, fixed for the run
+    skipped_steps: int = 0  # non-finite loss or gradient: step skipped
+    reward_status: dict[str, int] = field(default_factory=dict)  # cumulative reward statuses
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def save_checkpoint(
+    root: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    keep_last: int,
+) -> Path:
+    """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints."""
+    final = root / f"{PREFIX}{state.step:06d}"
+    tmp = root / f"{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "state": asdict(state),
+        },
+        tmp / "trainer_state.pt",
+    )
+    if final.exists():  # a re-run of the same step (after a resume) replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # the commit point: a crash before this leaves only a *.tmp, ignored on resume
+    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for shard in sorted((path / "model").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    if not weights:
+        raise FileNotFoundError(f"checkpoint {path} has no model/*.safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied embeddings are saved once; any other mismatch means a different architecture
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    blob = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    set_rng_state(blob["rng"])
+    return TrainState(**blob["state"])

@@ -1,0 +1,100 @@
+"""The run configurations, composed from each component's own dataclass and registered in Hydra's
+ConfigStore. Recipes under `recipes/` are validated against these schemas: an unknown key or a wrong type
+fails at start with the key named. Every default lives in the component dataclass, never here.
+
+`compose(name, overrides)` builds a config without `@hydra.main` (tests, the tiny-model builder, the
+trainer's per-mode evaluation), from the same recipe tree the scripts use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from rewards.config import RewardConfig
+from rl.data import DataConfig
+from rl.logger import LoggerConfig
+from rl.model import ModelConfig
+from rl.tiny_base import TinyBaseConfig
+from rl.trainer import RLConfig, TrainerConfig
+from rollouts.config import CotConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+T = TypeVar("T")
+
+
+@dataclass
+class EvaluateConfig:
+    """`scripts/evaluate.py`: one inference mode, `n` samples per problem, on the eval split of `data`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    infer: CotConfig = field(default_factory=CotConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    n: int = 8
+    batch_size: int = 64  # prompts per engine call (each expands to `n` rollouts)
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    output_dir: str = "outputs/eval"
+
+
+@dataclass
+class TrainConfig:
+    """`scripts/train.py`: GRPO through the `cot` mode, evaluated in `trainer.eval_modes`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cot: CotConfig = field(default_factory=CotConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    output_dir: str = "outputs/train"
+
+
+def register_configs() -> None:
+    """Put every schema in the ConfigStore (idempotent). Recipes name them in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="tiny_base_schema", node=TinyBaseConfig)
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> Any:
+    """The DictConfig of `recipes/<config_name>.yaml` with Hydra `overrides`, validated by its schema."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+def load_infer_recipe(name: str, cot: CotConfig) -> CotConfig:
+    """The inference mode `recipes/infer/<name>.yaml`, with the CoT length limits and filter of the training
+    `cot` (so evaluation thinks as long as training does), validated by CotConfig."""
+    path = RECIPES_DIR / "infer" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"inference mode {name!r}: no {path} (known: {known})")
+    base = OmegaConf.structured(CotConfig)
+    inherited = {k: getattr(cot, k) for k in ("max_think_tokens", "max_answer_tokens", "top_k", "top_p", "min_p",
+                                             "entropy_stop_threshold", "entropy_stop_patience", "rms")}
+    merged = OmegaConf.merge(base, inherited, OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def to_object(cfg: Any, schema: type[T]) -> T:
+    """The typed dataclass behind a composed config (runs every `__post_init__` check)."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, schema):
+        raise TypeError(f"config resolved to {type(obj).__name__}, expected {schema.__name__}")
+    return obj

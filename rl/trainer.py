@@ -1,0 +1,538 @@
+"""The GRPO training loop: rollouts → rewards → advantages → PPO update, with held-out evaluation,
+checkpoints, exact resume and multi-process data parallelism.
+
+One step (global batch = `prompts_per_step` prompts × G samples):
+1. Draw the step's prompts from a seeded permutation of the train split (the data position is one integer).
+   Process r of W takes a contiguous share, so the G samples of a prompt stay on one process.
+2. Roll out in chunks of `rollout_chunk` prompts; each chunk's generator is seeded from (seed, step, index of
+   its first prompt in the global batch), so the rollouts do not depend on the number of processes, and a
+   resumed run draws exactly what the uninterrupted one would have.
+3. Score the decoded completions in the reward pool; RLOO / GRPO / Dr. GRPO advantages per group.
+4. `num_iterations` PPO passes over the rollouts in micro-batches. The loss of every micro-batch is divided by
+   the GLOBAL normaliser (all micro-batches of all processes), and gradients are summed across processes, so
+   the update equals a 1-process run with the same global batch.
+5. Guarded optimizer step (a non-finite loss or gradient skips the step and is counted), metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from rewards import STATUSES, RewardPool, format_reward
+from rl.advantages import AdvantageConfig, compute_advantages
+from rl.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from rl.data import Problem, load_problems
+from rl.evaluation import ModeSummary, evaluate_mode, plot_pass_at_k, special_ids
+from rl.logger import MetricsLogger, NullLogger
+from rl.logprobs import LogProbConfig, log_prob_gap, sequence_log_probs
+from rl.loss import LossConfig, loss_normalizer, policy_loss
+from rl.model import load_policy
+from rl.optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step
+from rl.prompts import encode_prompts
+from rl.runtime import resolve_device, seed_everything
+from rollouts.config import CotConfig
+from rollouts.distributions import embedding_rms
+from rollouts.engine import generate
+from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
+
+INFER_MODES = ("hard_greedy", "hard_sample", "soft_greedy", "soft_sample", "fuzzy_greedy", "fuzzy_sample")
+
+
+@dataclass
+class RLConfig:
+    """The RL algorithm: G samples per prompt, PPO iterations per batch, and the objective's pieces."""
+
+    group_size: int = 8
+    num_iterations: int = 1
+    micro_batch: int = 0  # rollouts per forward/backward (0 = all of a process's rollouts at once)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logprobs: LogProbConfig = field(default_factory=LogProbConfig)
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"rl.group_size={self.group_size}: group advantages need at least 2 samples")
+        if self.num_iterations < 1 or self.micro_batch < 0:
+            raise ValueError(f"rl.num_iterations={self.num_iterations}, rl.micro_batch={self.micro_batch}")
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, batch, evaluation and checkpoint cadence. `eval_modes` names recipes in recipes/infer/;
+    the final evaluation runs all of them, `eval_primary` is the one evaluated periodically."""
+
+    max_steps: int = 100
+    prompts_per_step: int = 16  # global, over all processes
+    rollout_chunk: int = 16  # prompts per engine call (keys the rollout randomness; see module docstring)
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    eval_problems: int = 200
+    eval_n: int = 8
+    eval_batch_size: int = 64
+    eval_primary: str = "soft_sample"
+    eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
+    save_every: int = 50
+    keep_last: int = 2
+    resume: str = "auto"  # auto = continue from the newest checkpoint in output_dir; never = start fresh
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.prompts_per_step < 1 or self.rollout_chunk < 1:
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps}, prompts_per_step={self.prompts_per_step}, "
+                f"rollout_chunk={self.rollout_chunk}: must be >= 1"
+            )
+        if self.resume not in ("auto", "never"):
+            raise ValueError(f"trainer.resume={self.resume!r}: expected 'auto' or 'never'")
+        unknown = sorted(set(self.eval_modes) - set(INFER_MODES))
+        if unknown or self.eval_primary not in INFER_MODES:
+            raise ValueError(
+                f"trainer.eval_modes={self.eval_modes}, eval_primary={self.eval_primary!r}: modes must be in {INFER_MODES}"
+            )
+
+
+@dataclass
+class StepStats:
+    """Per-step metrics, logged to metrics.jsonl / W&B under these names (see `as_metrics`)."""
+
+    reward_mean: float
+    reward_std: float
+    reward_status: dict[str, int]
+    adv_mean: float
+    adv_std: float
+    adv_abs_mean: float
+    cot_len: float
+    answer_len: float
+    think_end: dict[str, float]  # fraction of rollouts per reason
+    cot_entropy: float
+    noise_ratio: float  # ‖h - μ‖ / ‖μ‖ averaged over CoT steps (soft / fuzzy); 0 for hard
+    gap_cot: float  # mean |rollout - learner| log-prob per CoT step (nats)
+    gap_answer: float
+    clip_fraction: float
+    kl_cot: float
+    kl_answer: float
+    loss: float
+    cot_term: float
+    answer_term: float
+    grad_norm: float
+    cot_grad_norm: float  # norm of the gradient of the CoT term alone (first micro-batch, first iteration)
+    lr: float
+    skipped: bool
+    tokens_per_s: float
+    step_time: float
+
+    def as_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, value in asdict(self).items():
+            if isinstance(value, dict):
+                prefix = "reward_status" if name == "reward_status" else "think_end"
+                out.update({f"{prefix}/{k}": float(v) for k, v in value.items()})
+            else:
+                out[name] = float(value)
+        return out
+
+
+def chunk_seed(seed: int, step: int, first_prompt: int) -> int:
+    """Seed of the rollout chunk starting at global prompt index `first_prompt` of step `step`.
+
+    >>> chunk_seed(0, 3, 16) == chunk_seed(0, 3, 16) != chunk_seed(0, 3, 32)
+    True
+    """
+    return zlib.crc32(f"{seed}/{step}/{first_prompt}".encode())
+
+
+def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> list[Problem]:
+    """Problems `start .. start+count-1` of the endless stream of seeded per-epoch permutations.
+
+    >>> ps = [Problem(str(i), "q", ("1",), "t") for i in range(5)]
+    >>> [p.uid for p in draw_prompts(ps, 0, 3, 4)] == [p.uid for p in draw_prompts(ps, 0, 0, 7)][3:]
+    True
+    """
+    out = []
+    for position in range(start, start + count):
+        epoch, index = divmod(position, len(problems))
+        order = list(range(len(problems)))
+        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+        out.append(problems[order[index]])
+    return out
+
+
+def completion_texts(rollouts: Rollouts, tokenizer: Any) -> list[str]:
+    """Decoded top-1 CoT stream + answer tokens per rollout (what the reward and the trace view read)."""
+    cot = rollouts.cot_top1_ids.masked_fill(~rollouts.cot_mask, -1).tolist()
+    ans = rollouts.answer_ids.masked_fill(~rollouts.answer_mask, -1).tolist()
+    return [tokenizer.decode([t for t in c + a if t >= 0]) for c, a in zip(cot, ans, strict=True)]
+
+
+class Trainer:
+    """Holds the run's model, optimizer and state; `run()` trains and writes summary.json."""
+
+    def __init__(self, cfg: Any, config_yaml: str) -> None:
+        from accelerate import PartialState
+
+        self.cfg = cfg
+        self.config_yaml = config_yaml
+        self.dist = PartialState(cpu=cfg.trainer.device == "cpu")
+        self.rank, self.world = self.dist.process_index, self.dist.num_processes
+        self.main = self.dist.is_main_process
+        if cfg.trainer.prompts_per_step % self.world:
+            raise ValueError(
+                f"trainer.prompts_per_step={cfg.trainer.prompts_per_step} must divide evenly over {self.world} processes"
+            )
+        self.device = self.dist.device if self.world > 1 else resolve_device(cfg.trainer.device)
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.trainer.seed)
+        self.model, self.tokenizer = load_policy(cfg.model, self.device)
+        self.model.train()
+        self.ref = None
+        if cfg.rl.loss.kl_coef > 0:
+            self.ref, _ = load_policy(cfg.model, self.device)
+            self.ref.eval().requires_grad_(False)
+        self.think_end_ids, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
+        self.opt = build_optimizer(self.model, cfg.rl.optim)
+        self.sched = build_scheduler(self.opt, cfg.rl.optim, total_steps=cfg.trainer.max_steps)
+        emb = self.model.get_input_embeddings().weight
+        rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
+        self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
+        self.state.reward_status = dict.fromkeys(STATUSES, 0)
+        self.train_problems = load_problems(cfg.data, cfg.data.train_split)
+        self.eval_problems = load_problems(cfg.data, cfg.data.eval_split)[: cfg.trainer.eval_problems]
+        self.resumed_from = self._maybe_resume()
+        self._stop = False
+
+    # ---------------------------------------------------------------- setup helpers
+    @staticmethod
+    def sigma_for(cot: CotConfig, rms: dict[str, float]) -> float:
+        """σ = noise_scale × rms of the STARTING embeddings (fixed for the run, saved with it)."""
+        return cot.noise_scale * rms[cot.rms] if cot.continuous else 0.0
+
+    def _maybe_resume(self) -> Path | None:
+        if self.cfg.trainer.resume == "never":
+            return None
+        found = checkpoint_dirs(self.out / "checkpoints")
+        if not found:
+            return None
+        self.state = load_checkpoint(found[-1], self.model, self.opt, self.sched)
+        if self.main:
+            print(f"[softgrpo] resumed from {found[-1]} (step {self.state.step})", flush=True)
+        return found[-1]
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stop = True  # finish the current step, checkpoint, exit (see run())
+
+    # ---------------------------------------------------------------- one step
+    def rollout(self, step: int) -> tuple[Rollouts, list[Problem]]:
+        """This process's rollouts for `step` (see the module docstring for how randomness is keyed)."""
+        tcfg = self.cfg.trainer
+        share = tcfg.prompts_per_step // self.world
+        start = self.state.consumed + self.rank * share
+        problems = draw_prompts(self.train_problems, tcfg.seed, start, share)
+        parts = []
+        for lo in range(0, share, tcfg.rollout_chunk):
+            chunk = problems[lo : lo + tcfg.rollout_chunk]
+            gen = torch.Generator(device=self.device).manual_seed(chunk_seed(tcfg.seed, step, self.rank * share + lo))
+            self.model.eval()
+            with torch.no_grad():
+                parts.append(
+                    generate(
+                        self.model, encode_prompts(self.tokenizer, [p.question for p in chunk], self.cfg.model.prompt),
+                        self.cfg.cot, group_size=self.cfg.rl.group_size, sigma=self.state.sigma,
+                        think_end_ids=self.think_end_ids, eos_id=self.eos_id, pad_id=self.pad_id, generator=gen,
+                    )
+                )
+            self.model.train()
+        return concat_rollouts(parts), problems
+
+    def rewards(self, rollouts: Rollouts, problems: list[Problem], pool: RewardPool) -> tuple[list[float | None], list]:
+        texts = completion_texts(rollouts, self.tokenizer)
+        golds = [p.answers for p in problems for _ in range(self.cfg.rl.group_size)]
+        results = pool.score(texts, golds)
+        correctness = [r.reward for r in results]
+        weight = self.cfg.reward.format_weight
+        if weight == 0:
+            return correctness, results
+        fmt = format_reward(texts, golds, self.cfg.reward)
+        return [None if c is None else c + weight * f for c, f in zip(correctness, fmt, strict=True)], results
+
+    def _all_sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _all_reduce_grads(self) -> None:
+        """Sum gradients over processes (each process already divided by the global normaliser)."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def update(self, rollouts: Rollouts, rewards: list[float | None]) -> dict[str, float]:
+        """PPO iterations over this process's rollouts; returns loss statistics."""
+        rl = self.cfg.rl
+        adv = compute_advantages(rewards, rollouts.group_index, rl.advantages)
+        n = rollouts.num_rollouts
+        size = rl.micro_batch or n
+        slices = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        answer_kw = {"answer_temperature": self.cfg.cot.answer_temperature, "answer_top_p": self.cfg.cot.answer_top_p}
+
+        def score(model: Any, part: Rollouts) -> Any:
+            return sequence_log_probs(model, part, self.cfg.cot, rl.logprobs, **answer_kw)
+
+        parts = [rollouts.select(s) for s in slices]
+        part_adv = [adv.select(s) for s in slices]
+        with torch.no_grad():
+            old = [score(self.model, p).detach() for p in parts] if rl.num_iterations > 1 else [None] * len(parts)
+            ref = [score(self.ref, p).detach() for p in parts] if self.ref is not None else [None] * len(parts)
+        stats: dict[str, float] = {}
+        for iteration in range(rl.num_iterations):
+            new_all = []
+            total = 0.0
+            outs = []
+            # the normaliser depends only on masks and advantages: sum it over micro-batches and processes
+            norm = self._all_sum(sum(loss_normalizer(p, a, rl.loss) for p, a in zip(parts, part_adv, strict=True)))
+            for i, (part, a) in enumerate(zip(parts, part_adv, strict=True)):
+                new = score(self.model, part)
+                out = policy_loss(new, a, rl.loss, old=old[i], ref=ref[i], normalizer=norm)
+                if iteration == 0 and i == 0:
+                    stats["cot_grad_norm"] = self._cot_grad_norm(new, a, old[i], ref[i], norm)
+                out.loss.backward()
+                total += float(out.loss.detach())
+                outs.append(out)
+                if iteration == 0:
+                    new_all.append((part, new))
+            self._all_reduce_grads()
+            result = clip_and_step(self.model.parameters(), self.opt, None, total, rl.optim.grad_clip)
+            stats["skipped"] = stats.get("skipped", 0.0) + float(result.skipped)
+            if iteration == 0:
+                stats.update(self._loss_stats(outs, new_all, result))
+        self.sched.step()
+        return stats
+
+    def _cot_grad_norm(self, new: Any, adv: Any, old: Any, ref: Any, norm: float) -> float:
+        """‖∇ CoT term‖ alone: how hard the Gaussian (or hard-CoT) term pushes, for diagnosing soft training."""
+        out = policy_loss(new, adv, self.cfg.rl.loss, old=old, ref=ref, normalizer=norm)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not out.cot_loss.requires_grad:
+            return 0.0
+        grads = torch.autograd.grad(out.cot_loss, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+
+    @staticmethod
+    def _loss_stats(outs: list, new_all: list, result: Any) -> dict[str, float]:
+        def mean(name: str, weight: str) -> float:
+            w = sum(getattr(o, weight) for o in outs)
+            return sum(getattr(o, name) * getattr(o, weight) for o in outs) / w if w else 0.0
+
+        steps = sum(o.num_cot_steps + o.num_answer_steps for o in outs)
+        clipped = sum(o.clip_fraction * (o.num_cot_steps + o.num_answer_steps) for o in outs)
+        gaps = [log_prob_gap(part, new) for part, new in new_all]
+        return {
+            "noise_ratio": noise_ratio(new_all),
+            "loss": sum(float(o.loss.detach()) for o in outs),
+            "cot_term": sum(o.cot_term for o in outs),
+            "answer_term": sum(o.answer_term for o in outs),
+            "clip_fraction": clipped / steps if steps else 0.0,
+            "kl_cot": mean("kl_cot", "num_cot_steps"),
+            "kl_answer": mean("kl_answer", "num_answer_steps"),
+            "gap_cot": sum(g.cot for g in gaps) / len(gaps),
+            "gap_answer": sum(g.answer for g in gaps) / len(gaps),
+            "grad_norm": result.grad_norm,
+            "lr": result.lr,
+        }
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, ModeSummary]:
+        """Evaluate the current policy in each named inference mode (main process only: evaluation is cheap
+        next to training and its numbers must not depend on the process count)."""
+        from rl.config import load_infer_recipe
+
+        tcfg = self.cfg.trainer
+        out = {}
+        for name in modes:
+            infer = load_infer_recipe(name, self.cfg.cot)
+            sigma = self.sigma_for(infer, self.state.rms)
+            _, summary = evaluate_mode(
+                self.model, self.tokenizer, self.eval_problems, infer, n=tcfg.eval_n, pool=pool,
+                prompt=self.cfg.model.prompt, sigma=sigma, seed=tcfg.seed, batch_size=tcfg.eval_batch_size,
+                progress=False,
+            )
+            out[name] = summary
+            print(f"[softgrpo] {tag} {name}: " + ", ".join(f"pass@{k}={v:.3f}" for k, v in summary.pass_at.items()), flush=True)
+        return out
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        cfg, tcfg = self.cfg, self.cfg.trainer
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(self.config_yaml)
+        logger = MetricsLogger(self.out, cfg.logger, {"config": self.config_yaml}) if self.main else NullLogger()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        summary_path = self.out / "summary.json"
+        summary: dict[str, Any] = json.loads(summary_path.read_text()) if self.resumed_from and summary_path.exists() else {}
+        try:
+            with RewardPool(cfg.reward) as pool:
+                if self.main and "eval_before" not in summary:
+                    summary["eval_before"] = self._eval_block(tcfg.eval_modes, pool, "before")
+                    summary_path.write_text(json.dumps(summary, indent=2))
+                bar = tqdm(total=tcfg.max_steps, initial=self.state.step, desc="train", disable=not self.main)
+                while self.state.step < tcfg.max_steps and not self._stop:
+                    stats = self.train_step(pool)
+                    logger.log(stats.as_metrics(), step=self.state.step)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{stats.reward_mean:.3f}", cot=f"{stats.cot_len:.1f}")
+                    step = self.state.step
+                    if self.main and tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
+                        evals = self.evaluate([tcfg.eval_primary], pool, f"step {step}")
+                        logger.log(evals[tcfg.eval_primary].flat(f"eval/{tcfg.eval_primary}"), step=step)
+                    if step % tcfg.save_every == 0 or self._stop:
+                        self.checkpoint()
+                bar.close()
+                if self._stop:
+                    print(f"[softgrpo] SIGTERM: checkpoint written at step {self.state.step}; exiting", flush=True)
+                    raise SystemExit(143)
+                self.checkpoint()
+                if self.main:
+                    summary["eval_after"] = self._eval_block(tcfg.eval_modes, pool, "after")
+                    summary["train"] = {
+                        "steps": self.state.step,
+                        "skipped_steps": self.state.skipped_steps,
+                        "sigma": self.state.sigma,
+                        "rms": self.state.rms,
+                        "reward_status": self.state.reward_status,
+                        "processes": self.world,
+                    }
+                    summary_path.write_text(json.dumps(summary, indent=2))
+                    self.model.save_pretrained(self.out / "final")
+                    self.tokenizer.save_pretrained(self.out / "final")
+                    self._plot(summary)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            logger.close()
+        return summary
+
+    def _eval_block(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, Any]:
+        primary = self.cfg.trainer.eval_primary
+        ordered = [primary] + [m for m in modes if m != primary]
+        results = self.evaluate(ordered, pool, tag)
+        block: dict[str, Any] = {"primary": primary}
+        for name, s in results.items():
+            block[name] = {"pass@1": s.pass_at[1], **{f"pass@{k}": v for k, v in s.pass_at.items()},
+                           "cot_len": s.mean_cot_len, "answer_len": s.mean_answer_len, "think_end": s.think_end}
+        block["pass@1"] = block[primary]["pass@1"]
+        block["pass@k"] = {k: v for k, v in block[primary].items() if k.startswith("pass@")}
+        return block
+
+    def _plot(self, summary: dict[str, Any]) -> None:
+        curves = {}
+        for tag in ("eval_before", "eval_after"):
+            block = summary[tag]
+            primary = block["primary"]
+            curves[f"{primary} {tag[5:]}"] = {int(k[5:]): v for k, v in block[primary].items() if k.startswith("pass@")}
+        plot_pass_at_k(curves, self.out / "passk.png", title="held-out pass@k, before vs after")
+
+    def checkpoint(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+        if self.main:
+            save_checkpoint(self.out / "checkpoints", self.model, self.tokenizer, self.opt, self.sched, self.state,
+                            self.cfg.trainer.keep_last)
+        if self.world > 1:
+            dist.barrier()
+
+    def train_step(self, pool: RewardPool) -> StepStats:
+        start = time.time()
+        step = self.state.step
+        rollouts, problems = self.rollout(step)
+        rewards, results = self.rewards(rollouts, problems, pool)
+        loss_stats = self.update(rollouts, rewards)
+        self.state.step += 1
+        self.state.consumed += self.cfg.trainer.prompts_per_step
+        skipped = bool(loss_stats["skipped"])
+        self.state.skipped_steps += int(skipped)
+        for r in results:
+            self.state.reward_status[r.status] += 1
+        return self._step_stats(rollouts, rewards, results, loss_stats, skipped, time.time() - start)
+
+    def _step_stats(self, rollouts: Rollouts, rewards: list, results: list, ls: dict, skipped: bool,
+                    seconds: float) -> StepStats:
+        from rewards import status_counts
+
+        judged = torch.tensor([r for r in rewards if r is not None], dtype=torch.float32)
+        adv = compute_advantages(rewards, rollouts.group_index, self.cfg.rl.advantages)
+        adv_vals = adv.values[adv.mask]
+        cot_len = rollouts.cot_lengths.float()
+        ans_len = rollouts.answer_lengths.float()
+        reasons = torch.bincount(rollouts.think_end.cpu(), minlength=len(THINK_END_REASONS)).float()
+        tokens = float(cot_len.sum() + ans_len.sum())
+        return StepStats(
+            reward_mean=float(judged.mean()) if judged.numel() else float("nan"),
+            reward_std=float(judged.std(unbiased=False)) if judged.numel() else float("nan"),
+            reward_status=status_counts(results),
+            adv_mean=float(adv_vals.mean()) if adv_vals.numel() else 0.0,
+            adv_std=float(adv_vals.std(unbiased=False)) if adv_vals.numel() else 0.0,
+            adv_abs_mean=float(adv_vals.abs().mean()) if adv_vals.numel() else 0.0,
+            cot_len=float(cot_len.mean()),
+            answer_len=float(ans_len.mean()),
+            think_end={r: float(reasons[i] / rollouts.num_rollouts) for i, r in enumerate(THINK_END_REASONS)},
+            cot_entropy=masked_mean(rollouts.cot_entropy, rollouts.cot_mask),
+            noise_ratio=ls["noise_ratio"],
+            gap_cot=ls["gap_cot"],
+            gap_answer=ls["gap_answer"],
+            clip_fraction=ls["clip_fraction"],
+            kl_cot=ls["kl_cot"],
+            kl_answer=ls["kl_answer"],
+            loss=ls["loss"],
+            cot_term=ls["cot_term"],
+            answer_term=ls["answer_term"],
+            grad_norm=ls["grad_norm"],
+            cot_grad_norm=ls["cot_grad_norm"],
+            lr=ls["lr"],
+            skipped=skipped,
+            tokens_per_s=tokens / seconds,
+            step_time=seconds,
+        )
+
+
+def noise_ratio(scored: list[tuple[Rollouts, Any]]) -> float:
+    """Mean over CoT steps of ‖h_t - μ_t‖ / ‖μ_t‖: how loud the exploration noise is next to the mixture
+    (0 for hard CoT). μ_t is the learner's, from the same forward pass as the loss."""
+    num, count = 0.0, 0
+    for part, new in scored:
+        if new.mu is None or part.cot_inputs is None:
+            continue
+        mu = new.mu.detach().float()  # [N, T, d]
+        ratio = (part.cot_inputs.to(mu.device) - mu).norm(dim=-1) / mu.norm(dim=-1).clamp(min=1e-12)  # [N, T]
+        num += float(ratio[new.cot_mask].sum())
+        count += int(new.cot_mask.sum())
+    return num / count if count else 0.0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of `x` over `mask` (0.0 when empty).
+
+    >>> masked_mean(torch.tensor([[1.0, 5.0], [3.0, 9.0]]), torch.tensor([[True, False], [True, False]]))
+    2.0
+    """
+    count = int(mask.sum())
+    return float(x[mask].sum() / count) if count else 0.0

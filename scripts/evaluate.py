@@ -1,0 +1,44 @@
+"""Evaluate a model in one inference mode with n samples per problem.
+
+    python scripts/evaluate.py model.path=DIR data=gsm8k data.path=../shared/data/gsm8k_test.jsonl \
+        data.limit=100 infer=soft_sample n=8 output_dir=OUT
+
+Writes OUT/samples.jsonl (one row per problem), OUT/summary.json (pass@1, pass@k for every power of two
+k <= n, lengths, think-end reasons, timings), OUT/config.yaml and OUT/passk.png.
+"""
+
+import json
+
+import _bootstrap  # noqa: F401
+import hydra
+from omegaconf import OmegaConf
+
+from rewards import RewardPool
+from rl.config import RECIPES_DIR, EvaluateConfig, register_configs, to_object
+from rl.data import load_problems
+from rl.evaluation import evaluate_mode, write_outputs
+from rl.model import load_policy
+from rl.runtime import resolve_device, seed_everything
+from rollouts.distributions import noise_sigma
+
+register_configs()
+
+
+@hydra.main(config_path=str(RECIPES_DIR), config_name="evaluate", version_base="1.3")
+def main(raw) -> None:
+    cfg = to_object(raw, EvaluateConfig)
+    seed_everything(cfg.seed)
+    problems = load_problems(cfg.data, cfg.data.eval_split)
+    model, tokenizer = load_policy(cfg.model, resolve_device(cfg.device))
+    sigma = noise_sigma(model.get_input_embeddings().weight, cfg.infer)
+    with RewardPool(cfg.reward) as pool:
+        rows, summary = evaluate_mode(
+            model, tokenizer, problems, cfg.infer, n=cfg.n, pool=pool, prompt=cfg.model.prompt,
+            sigma=sigma, seed=cfg.seed, batch_size=cfg.batch_size,
+        )
+    out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw))
+    print(json.dumps({"output_dir": str(out), "mode": summary.mode, **{f"pass@{k}": v for k, v in summary.pass_at.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Every recipe under recipes/ composes and validates against its schema; typos and wrong types fail at
+start naming the key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from rl.config import RECIPES_DIR, EvaluateConfig, TrainConfig, load_infer_recipe, register_configs, to_object
+from rl.tiny_base import TinyBaseConfig
+
+# Primary configs (recipes/<name>.yaml) and the schema each resolves to.
+PRIMARIES = {"evaluate": EvaluateConfig, "tiny_base": TinyBaseConfig, "train": TrainConfig}
+# Folders that hold files for other tools (accelerate launch configs), not Hydra groups.
+NOT_HYDRA = {"accelerate"}
+
+
+def _groups_of(primary: str) -> set[str]:
+    text = OmegaConf.load(RECIPES_DIR / f"{primary}.yaml")
+    groups = set()
+    for entry in text.get("defaults", []):
+        if isinstance(entry, (dict, type(OmegaConf.create({})))):
+            groups.update(str(k).removeprefix("optional ").split("@")[0] for k in entry)
+    return groups
+
+
+def _group_files() -> list[tuple[str, str]]:
+    return sorted(
+        (p.parent.name, p.stem)
+        for p in RECIPES_DIR.glob("*/*.yaml")
+        if p.parent.name not in NOT_HYDRA and p.parent.name != "experiment"
+    )
+
+
+def test_every_primary_config_composes() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        for primary, schema in PRIMARIES.items():
+            to_object(compose(config_name=primary), schema)
+    # every top-level yaml is a primary we know the schema of: a new one must be added above
+    assert {p.stem for p in RECIPES_DIR.glob("*.yaml")} == set(PRIMARIES)
+
+
+@pytest.mark.parametrize(("group", "option"), _group_files())
+def test_every_group_recipe_validates(group: str, option: str) -> None:
+    register_configs()
+    hosts = [p for p in PRIMARIES if group in _groups_of(p)]
+    assert hosts, f"recipes/{group}/{option}.yaml is used by no primary config in {sorted(PRIMARIES)}"
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        for primary in hosts:
+            cfg = compose(config_name=primary, overrides=[f"{group}={option}"])
+            to_object(cfg, PRIMARIES[primary])  # runs each dataclass's __post_init__ checks
+
+
+def test_per_model_experiment_defaults_match_a_model_and_validate() -> None:
+    """recipes/experiment/<m>.yaml is applied by train.yaml when model=<m>: each must name a real model recipe
+    and compose (the model-group test above composes train with each model, so each experiment file too)."""
+    models = {p.stem for p in (RECIPES_DIR / "model").glob("*.yaml")}
+    experiments = {p.stem for p in (RECIPES_DIR / "experiment").glob("*.yaml")}
+    assert experiments <= models, f"experiment recipes without a model recipe: {sorted(experiments - models)}"
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        tiny = to_object(compose(config_name="train"), TrainConfig)
+        big = to_object(compose(config_name="train", overrides=["model=qwen2.5-3b"]), TrainConfig)
+    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 2e-4
+    assert tiny.rl.optim.lr == 2.0e-4 and big.rl.optim.lr == 1.0e-6
+    assert big.cot.max_think_tokens == 512 and tiny.cot.max_think_tokens == 48
+
+
+def test_infer_recipes_inherit_training_lengths() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        train = to_object(compose(config_name="train"), TrainConfig)
+    mode = load_infer_recipe("fuzzy_greedy", train.cot)
+    assert (mode.mode, mode.temperature, mode.noise_scale) == ("fuzzy", 1e-4, 0.0)
+    assert mode.max_think_tokens == train.cot.max_think_tokens == 48
+    with pytest.raises(FileNotFoundError, match="lukewarm"):
+        load_infer_recipe("lukewarm", train.cot)
+
+
+def test_unknown_key_in_a_recipe_is_named(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    shutil.copytree(RECIPES_DIR, recipes)
+    (recipes / "model" / "typo.yaml").write_text("path: x\ntiny: false\ndtpye: bfloat16\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(recipes), version_base="1.3"):
+        with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
+            compose(config_name="evaluate", overrides=["model=typo"])
+    assert "dtpye" in str(err.value) + str(err.value.__cause__)
+
+
+def test_wrong_type_and_unknown_override_are_named() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose(config_name="evaluate", overrides=["n=many"])
+        assert isinstance(err.value.__cause__, ValidationError) and "n" in str(err.value.__cause__)
+        with pytest.raises(ConfigCompositionException, match="infer.temprature"):
+            compose(config_name="evaluate", overrides=["infer.temprature=0.3"])
+
+
+def test_invalid_value_fails_in_post_init() -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["infer.mode=lukewarm"])
+    with pytest.raises(ValueError, match="cot.mode='lukewarm'"):
+        to_object(cfg, EvaluateConfig)
+
+
+def test_tiny_model_prompt_has_one_home() -> None:
+    """The tiny model is built and evaluated with the prompt of recipes/model/tiny.yaml."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        build = to_object(compose(config_name="tiny_base"), TinyBaseConfig)
+        run = to_object(compose(config_name="evaluate"), EvaluateConfig)
+    assert build.model.prompt == run.model.prompt
+    assert build.output_dir == run.model.path
