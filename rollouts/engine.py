@@ -1,0 +1,321 @@
+"""Eager reference rollout engine: hard / soft / fuzzy CoT then a hard answer, on any Hugging Face causal LM that
+accepts `inputs_embeds` and a KV cache (Llama, Qwen2, ...; tied or untied embeddings).
+
+One rollout, following DESIGN.md section 1:
+1. Prompts are left-padded (attention mask 0 on pads, position ids counted over real tokens) and each is repeated
+   G times contiguously; one prefill fills a `DynamicCache`.
+2. Every decode step reads the logits of the last position and, for every row at once, computes both the CoT
+   action (`rollouts.modes`, chosen once by mode) and an answer-side token; each row then feeds one vector,
+   picked by its phase with `torch.where`: think -> h_t (hard: E[c_t]); delimiter -> E[forced delimiter token];
+   answer -> E[sampled token]; done -> E[pad] (ignored). So the step is a function of fixed-shape tensors: phase,
+   lengths and flags live in [N] tensors, there is no per-row Python loop and no host sync inside the step.
+3. Thinking ends per `rollouts.stopping`. The ending step feeds the first delimiter token instead of a CoT input,
+   the rest of the delimiter follows as forced hard tokens (recorded at the start of `answer_ids`, not actions,
+   log-prob 0), then answer tokens are sampled at `answer_temperature` / `answer_top_p` until EOS (kept, an
+   action) or `max_answer_tokens` sampled tokens.
+4. Multi-token delimiter: its first D-1 tokens were already fed as CoT steps when the match is seen. They are
+   removed from the CoT (so `answer_ids` always begins with the full delimiter and the learner's sequence
+   prompt ++ CoT ++ answer is exactly what the cache saw): their KV-cache columns get attention mask 0 and the
+   position counter steps back D-1, which is the same computation as never having fed them (the trick that makes
+   left padding work).
+
+Host syncs: none per step; every `check_every` steps one `all rows done?` read lets the loop stop early (a
+CUDA-graph engine would run the fixed `T + D + max_answer_tokens` steps instead and trim). Randomness: each step
+draws ε [N, d] (soft / fuzzy with σ > 0) and exponential race noise [N, V] (sampled hard CoT, sampled answer)
+for every row from the one generator, so the same seed gives the same rollouts. Noise therefore depends on the
+row's index in the batch: a sampled row is reproducible in the same batch layout, not alone; the deterministic
+modes (greedy hard, σ = 0 soft / fuzzy) are batch-invariant and tested so.
+
+Numerics: p, μ, entropies and log-probs are float32 whatever the model dtype; h_t is stored in float32 and cast
+to the model dtype only when fed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from rollouts.config import CotConfig
+from rollouts.distributions import cot_log_probs, entropy
+from rollouts.modes import CotActionFn, answer_log_probs, cot_action_fn, sample_ids
+from rollouts.record import Rollouts
+from rollouts.stopping import NOT_ENDED, REASON, ThinkEndDetector
+
+__all__ = ["generate", "input_embedding_matrix"]
+
+THINK, DELIMITER, ANSWER, DONE = 0, 1, 2, 3
+"""Per-row phase codes held in `DecodeState.phase`."""
+
+
+@dataclass
+class DecodeState:
+    """Everything a decode step reads and writes, as fixed-shape tensors (buffers are written at per-row indices)."""
+
+    phase: torch.Tensor  # [N] int64, THINK | DELIMITER | ANSWER | DONE
+    next_pos: torch.Tensor  # [N] int64, position id of the next fed input (= real tokens so far)
+    attention_mask: torch.Tensor  # [N, P + S] int64, grows one column per step; 0 on pads and rolled-back steps
+    cot_len: torch.Tensor  # [N] int64
+    delim_idx: torch.Tensor  # [N] int64, next delimiter token to force
+    answer_len: torch.Tensor  # [N] int64, answer tokens written (delimiter included)
+    sampled: torch.Tensor  # [N] int64, answer tokens sampled (the max_answer_tokens budget)
+    think_end: torch.Tensor  # [N] int64, index into THINK_END_REASONS
+    cot_inputs: torch.Tensor | None  # [N, T, d] float32 (None for hard: inputs are E[cot_ids])
+    cot_ids: torch.Tensor  # [N, T] int64
+    cot_top1: torch.Tensor  # [N, T] int64
+    cot_entropy: torch.Tensor  # [N, T] float32
+    cot_logprobs: torch.Tensor  # [N, T] float32
+    answer_ids: torch.Tensor  # [N, A] int64
+    answer_action: torch.Tensor  # [N, A] bool
+    answer_logprobs: torch.Tensor  # [N, A] float32
+
+
+def input_embedding_matrix(model: PreTrainedModel) -> torch.Tensor:
+    """E [V, d] as the model sees it: a row is exactly what the embedding module returns for that id. That is the
+    weight itself for Llama / Qwen2 / Mistral (the same tensor, no copy), and weight × `embed_scale` for models
+    whose embedding module scales its output (Gemma multiplies by sqrt(d) inside the module, so a vector passed as
+    `inputs_embeds` must already carry the scale). μ = p E, hard inputs E[c] and σ all use this matrix."""
+    module = model.get_input_embeddings()
+    weight = module.weight.detach()  # [V, d]
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return weight
+    return weight * scale.to(weight.dtype)  # same op and rounding as the module's forward
+
+
+def _write(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor, where: torch.Tensor) -> None:
+    """buf[i, index[i]] = value[i] for rows where `where[i]`, in place and sync-free. buf [N, L] or [N, L, d]."""
+    idx = index.clamp(max=buf.shape[1] - 1)[:, None]  # [N, 1]
+    if buf.ndim == 3:
+        idx = idx[:, :, None].expand(-1, 1, buf.shape[2])  # [N, 1, d]
+        value, where = value[:, None], where[:, None, None]
+    else:
+        value, where = value[:, None], where[:, None]
+    buf.scatter_(1, idx, torch.where(where, value.to(buf.dtype), buf.gather(1, idx)))
+
+
+def _left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError(f"every prompt needs at least one token; lengths {[len(p) for p in prompt_ids]}")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)  # [B, P]
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.bool)  # [B, P]
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = True
+    return ids.to(device), mask.to(device)
+
+
+class _Stepper:
+    """The decode step: static context (embedding, mode function, limits) plus `__call__`, which mutates the
+    state tensors and returns the [N, d] float32 inputs to feed. Pure tensor code, no host reads."""
+
+    def __init__(
+        self,
+        cfg: CotConfig,
+        action: CotActionFn,
+        embedding: torch.Tensor,
+        delimiter: torch.Tensor,
+        detector: ThinkEndDetector,
+        eos_id: int,
+        pad_id: int,
+        generator: torch.Generator,
+        prompt_width: int,
+    ):
+        self.cfg, self.action, self.embedding, self.delimiter = cfg, action, embedding, delimiter
+        self.detector, self.eos_id, self.pad_id, self.generator = detector, eos_id, pad_id, generator
+        self.prompt_width = prompt_width
+        self.answer_generator = None if cfg.answer_temperature == 0 else generator
+
+    def __call__(self, st: DecodeState, logits: torch.Tensor, step: int) -> torch.Tensor:
+        d_len = self.delimiter.numel()
+        # --- CoT side: p_t, its entropy and top-1, and the mode's action, for every row
+        log_p = cot_log_probs(logits, self.cfg)  # [N, V] float32
+        step_entropy = entropy(log_p)  # [N]
+        top1 = log_p.argmax(dim=-1)  # [N]
+        act = self.action(log_p, self.embedding, self.generator)
+
+        thinking = st.phase == THINK  # [N]
+        reason = self.detector.check(act.ids, st.cot_len)  # [N]
+        ending = thinking & (reason != NOT_ENDED)
+        if d_len > 1:
+            # roll back the D-1 partial-delimiter CoT steps fed at steps step-D+1 .. step-1 (see module doc, 4.)
+            drop = ending & (reason == REASON["delimiter"])  # [N]
+            cols = torch.arange(st.attention_mask.shape[1] - self.prompt_width, device=logits.device)  # [S]
+            dropped_cols = (cols >= step - d_len + 1) & (cols < step)  # [S]
+            gen = st.attention_mask[:, self.prompt_width :]  # [N, S] view
+            gen.masked_fill_(drop[:, None] & dropped_cols[None, :], 0)
+            st.cot_len -= drop.long() * (d_len - 1)
+            st.next_pos -= drop.long() * (d_len - 1)
+        st.think_end = torch.where(ending, reason, st.think_end)
+        st.phase = torch.where(ending, DELIMITER, st.phase)
+        thinking = st.phase == THINK
+
+        if st.cot_inputs is not None:
+            _write(st.cot_inputs, st.cot_len, act.inputs, thinking)
+        _write(st.cot_ids, st.cot_len, act.ids, thinking)
+        _write(st.cot_top1, st.cot_len, top1, thinking)
+        _write(st.cot_entropy, st.cot_len, step_entropy, thinking)
+        _write(st.cot_logprobs, st.cot_len, act.logprobs, thinking)
+        st.cot_len += thinking.long()
+        self.detector.record(act.ids, step_entropy, thinking)
+
+        # --- token side: forced delimiter token or sampled answer token
+        ans_log_p = answer_log_probs(logits, self.cfg)  # [N, V]
+        ans_tok = sample_ids(ans_log_p, self.answer_generator)  # [N]
+        in_delim = st.phase == DELIMITER
+        in_answer = st.phase == ANSWER
+        delim_tok = self.delimiter[st.delim_idx.clamp(max=d_len - 1)]  # [N]
+        tok = torch.where(in_delim, delim_tok, torch.where(in_answer, ans_tok, self.pad_id))  # [N]
+        tok_lp = torch.where(in_answer, ans_log_p.gather(-1, tok[:, None]).squeeze(-1), 0.0)  # [N]
+        writing = in_delim | in_answer
+        _write(st.answer_ids, st.answer_len, tok, writing)
+        _write(st.answer_action, st.answer_len, in_answer, writing)
+        _write(st.answer_logprobs, st.answer_len, tok_lp, writing)
+        st.answer_len += writing.long()
+        st.delim_idx += in_delim.long()
+        st.sampled += in_answer.long()
+        finished = in_answer & ((tok == self.eos_id) | (st.sampled >= self.cfg.max_answer_tokens))
+        st.phase = torch.where(in_delim & (st.delim_idx >= d_len), ANSWER, st.phase)
+        st.phase = torch.where(finished, DONE, st.phase)
+
+        return torch.where(thinking[:, None], act.inputs, self.embedding[tok])  # [N, d]
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    cfg: CotConfig,
+    *,
+    group_size: int,
+    sigma: float,
+    think_end_ids: tuple[int, ...],
+    eos_id: int,
+    pad_id: int,
+    generator: torch.Generator,
+    tokenizer=None,
+    check_every: int = 16,
+) -> Rollouts:
+    """Roll out G = `group_size` samples of every prompt (see the module docstring).
+
+    `sigma` is the noise std σ, computed once by the caller with `noise_sigma(input_embedding_matrix(model), cfg)`
+    from the starting embeddings (0 for hard or noiseless modes). `generator` must live on the model's device. When `tokenizer` is
+    given, `answer_texts` holds the decoded sampled answer tokens (delimiter excluded, special tokens skipped).
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}: must be >= 1")
+    if sigma < 0 or (sigma > 0 and not cfg.continuous):
+        raise ValueError(f"sigma={sigma} with cot.mode={cfg.mode}: need sigma >= 0, and 0 for hard")
+    device = model.device
+    embedding = input_embedding_matrix(model)  # [V, d] model dtype
+    emb32 = embedding.float()  # [V, d] float32 (the same tensor when the model is float32)
+    delimiter = torch.tensor(think_end_ids, dtype=torch.long, device=device)  # [D]
+
+    prompts, prompt_mask = _left_pad(prompt_ids, pad_id, device)  # [B, P]
+    prompts = prompts.repeat_interleave(group_size, dim=0)  # [N, P]
+    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, P]
+    n, width = prompts.shape
+    t_max, d_len, a_max = cfg.max_think_tokens, len(think_end_ids), cfg.max_answer_tokens
+    steps = t_max + d_len + a_max  # worst case: T CoT inputs, D delimiter tokens, A answer tokens
+
+    def zeros(*shape, dtype=torch.long):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    t_buf, a_buf = max(t_max, 1), d_len + a_max
+    st = DecodeState(
+        phase=zeros(n),
+        next_pos=prompt_mask.sum(dim=1),
+        attention_mask=torch.cat([prompt_mask.long(), zeros(n, steps)], dim=1),
+        cot_len=zeros(n),
+        delim_idx=zeros(n),
+        answer_len=zeros(n),
+        sampled=zeros(n),
+        think_end=zeros(n),
+        cot_inputs=zeros(n, t_buf, emb32.shape[1], dtype=torch.float32) if cfg.continuous else None,
+        cot_ids=zeros(n, t_buf),
+        cot_top1=zeros(n, t_buf),
+        cot_entropy=zeros(n, t_buf, dtype=torch.float32),
+        cot_logprobs=zeros(n, t_buf, dtype=torch.float32),
+        answer_ids=zeros(n, a_buf),
+        answer_action=zeros(n, a_buf, dtype=torch.bool),
+        answer_logprobs=zeros(n, a_buf, dtype=torch.float32),
+    )
+    stepper = _Stepper(
+        cfg, cot_action_fn(cfg, sigma), emb32, delimiter, ThinkEndDetector(cfg, delimiter, n), eos_id, pad_id,
+        generator, width,
+    )
+
+    cache = DynamicCache(config=model.config)
+    out = model(
+        inputs_embeds=embedding[prompts],  # [N, P, d]
+        attention_mask=st.attention_mask[:, :width],
+        position_ids=(prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [N, P]
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1].float()  # [N, V]
+    for step in range(steps):
+        feed = stepper(st, logits, step)  # [N, d] float32
+        if step == steps - 1 or ((step + 1) % check_every == 0 and bool((st.phase == DONE).all())):
+            break
+        st.attention_mask[:, width + step] = 1
+        out = model(
+            inputs_embeds=feed[:, None].to(embedding.dtype),  # [N, 1, d]
+            attention_mask=st.attention_mask[:, : width + step + 1],
+            position_ids=st.next_pos[:, None],  # [N, 1]
+            past_key_values=cache,
+            use_cache=True,
+        )
+        st.next_pos += 1
+        logits = out.logits[:, -1].float()  # [N, V]
+    return _finish(st, cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
+
+
+def _finish(
+    st: DecodeState,
+    cfg: CotConfig,
+    prompts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    sigma: float,
+    pad_id: int,
+    tokenizer,
+) -> Rollouts:
+    """Trim the buffers to the longest CoT / answer and blank everything past each row's length."""
+    t_len, a_len = int(st.cot_len.max()), int(st.answer_len.max())  # the one sync at the end
+    cot_mask = torch.arange(t_len, device=prompts.device)[None] < st.cot_len[:, None]  # [N, T]
+    answer_mask = torch.arange(a_len, device=prompts.device)[None] < st.answer_len[:, None]  # [N, A]
+    answer_ids = st.answer_ids[:, :a_len].masked_fill(~answer_mask, pad_id)  # [N, A]
+    answer_action = st.answer_action[:, :a_len] & answer_mask  # [N, A]
+    texts: list[str] = []
+    if tokenizer is not None:
+        texts = [
+            tokenizer.decode(ids[act].tolist(), skip_special_tokens=True)
+            for ids, act in zip(answer_ids.cpu(), answer_action.cpu(), strict=True)
+        ]
+    cot_inputs = None
+    if st.cot_inputs is not None:
+        cot_inputs = st.cot_inputs[:, :t_len] * cot_mask[:, :, None]  # [N, T, d]
+    return Rollouts(
+        cot_mode=cfg.mode,
+        prompt_ids=prompts,
+        prompt_mask=prompt_mask,
+        group_index=torch.arange(prompts.shape[0] // group_size, device=prompts.device).repeat_interleave(group_size),
+        cot_ids=st.cot_ids[:, :t_len].masked_fill(~cot_mask, pad_id),
+        cot_inputs=cot_inputs,
+        cot_top1_ids=st.cot_top1[:, :t_len].masked_fill(~cot_mask, pad_id),
+        cot_mask=cot_mask,
+        cot_entropy=st.cot_entropy[:, :t_len] * cot_mask,
+        cot_logprobs=st.cot_logprobs[:, :t_len] * cot_mask,
+        answer_ids=answer_ids,
+        answer_mask=answer_mask,
+        answer_action_mask=answer_action,
+        answer_logprobs=st.answer_logprobs[:, :a_len] * answer_action,
+        think_end=st.think_end,
+        sigma=float(sigma),
+        temperature=cfg.temperature,
+        answer_texts=texts,
+    )
