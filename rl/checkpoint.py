@@ -52,7 +52,9 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")]
+    done = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
+    ]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -90,9 +92,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> TrainState:
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
     """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state."""
     from safetensors.torch import load_file
 
@@ -105,7 +105,9 @@ def load_checkpoint(
     # tied embeddings are saved once; any other mismatch means a different architecture
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     blob = torch.load(path / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])

@@ -86,8 +86,19 @@ def load_infer_recipe(name: str, cot: CotConfig) -> CotConfig:
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"inference mode {name!r}: no {path} (known: {known})")
     base = OmegaConf.structured(CotConfig)
-    inherited = {k: getattr(cot, k) for k in ("max_think_tokens", "max_answer_tokens", "top_k", "top_p", "min_p",
-                                             "entropy_stop_threshold", "entropy_stop_patience", "rms")}
+    inherited = {
+        k: getattr(cot, k)
+        for k in (
+            "max_think_tokens",
+            "max_answer_tokens",
+            "top_k",
+            "top_p",
+            "min_p",
+            "entropy_stop_threshold",
+            "entropy_stop_patience",
+            "rms",
+        )
+    }
     merged = OmegaConf.merge(base, inherited, OmegaConf.load(path))
     return OmegaConf.to_object(merged)
 

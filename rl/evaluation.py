@@ -104,8 +104,16 @@ def evaluate_mode(
         chunk = problems[lo : lo + batch_size]
         prompt_ids = encode_prompts(tokenizer, [p.question for p in chunk], prompt)
         rollouts = generate(
-            model, prompt_ids, infer, group_size=n, sigma=sigma, think_end_ids=think_end_ids,
-            eos_id=eos_id, pad_id=pad_id, generator=generator, tokenizer=tokenizer,
+            model,
+            prompt_ids,
+            infer,
+            group_size=n,
+            sigma=sigma,
+            think_end_ids=think_end_ids,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            generator=generator,
+            tokenizer=tokenizer,
         )
         golds = [p.answers for p in chunk for _ in range(n)]
         results = pool.score(rollouts.answer_texts, golds)
@@ -156,7 +164,9 @@ def evaluate_mode(
     return rows, summary
 
 
-def write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], summary: ModeSummary, config_yaml: str) -> Path:
+def write_outputs(
+    out_dir: str | Path, rows: list[dict[str, Any]], summary: ModeSummary, config_yaml: str
+) -> Path:
     """`samples.jsonl`, `summary.json` (pass@1 and pass@k), `config.yaml` and `passk.png` under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

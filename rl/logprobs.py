@@ -46,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
+from rollouts.engine import input_embedding_matrix
 from rollouts.record import Rollouts
 
 
@@ -194,7 +195,7 @@ def sequence_log_probs(
     mu_out: torch.Tensor | None = None
     if continuous:
         assert h_all is not None
-        emb_weight = embedding.weight  # [V, d], a parameter: μ's gradient reaches E here
+        emb_weight = input_embedding_matrix(model, detach=False)  # [V, d]: μ's gradient reaches E here
 
         def soft_chunk(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
             logp = cot_log_probs(logits_of(x), cot)  # [M, V] float32

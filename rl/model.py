@@ -40,10 +40,12 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu"):
 
     path = Path(cfg.path)
     looks_local = cfg.path.startswith((".", "/", "~")) or path.exists()
-    if cfg.tiny and not (path / "config.json").exists():
+    if cfg.tiny:
         ensure_tiny_base(path)
     elif looks_local and not (path / "config.json").exists():
-        raise FileNotFoundError(f"model.path={cfg.path!r}: no config.json there (a directory saved with save_pretrained?)")
+        raise FileNotFoundError(
+            f"model.path={cfg.path!r}: no config.json there (a directory saved with save_pretrained?)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
@@ -55,13 +57,23 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu"):
     return model, tokenizer
 
 
-def ensure_tiny_base(path: Path) -> None:
-    """Build the tiny base model at `path` with the default recipe unless it is already there."""
-    if (path / "config.json").exists():
-        return
+def ensure_tiny_base(path: Path) -> dict:
+    """Build the tiny base model at `path` with the recipe recipes/tiny_base.yaml unless a build of that exact
+    recipe is already there (its report's fingerprint matches); a stale build is rebuilt. Returns the report."""
+    import json
+
     from rl.config import compose, to_object
-    from rl.tiny_base import TinyBaseConfig, make_tiny_base
+    from rl.tiny_base import REPORT_FILE, TinyBaseConfig, make_tiny_base
 
     cfg = to_object(compose("tiny_base", [f"output_dir={path}"]), TinyBaseConfig)
-    print(f"[softgrpo] tiny base model not found at {path}; building it (a few minutes on CPU)", flush=True)
-    make_tiny_base(cfg)
+    report_path = path / REPORT_FILE
+    if report_path.exists() and (path / "config.json").exists():
+        report = json.loads(report_path.read_text())
+        if report.get("fingerprint") == cfg.fingerprint():
+            return report
+        print(f"[softgrpo] tiny base model at {path} was built from another recipe; rebuilding", flush=True)
+    else:
+        print(
+            f"[softgrpo] tiny base model not found at {path}; building it (a few minutes on CPU)", flush=True
+        )
+    return make_tiny_base(cfg)

@@ -13,7 +13,24 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NAMES = ("Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Lea", "Max", "Ned", "Ola", "Pam", "Rex")
+NAMES = (
+    "Ann",
+    "Ben",
+    "Cal",
+    "Dee",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Ivy",
+    "Jon",
+    "Kim",
+    "Lea",
+    "Max",
+    "Ned",
+    "Ola",
+    "Pam",
+    "Rex",
+)
 ITEMS = ("apples", "coins", "cards", "books", "shells", "pens", "stamps", "marbles", "eggs", "beads")
 ADD_VERBS = ("gets", "buys", "finds", "wins")
 SUB_VERBS = ("gives away", "loses", "sells", "uses")
@@ -28,12 +45,14 @@ class SyntheticConfig:
     num_test: int = 500
     min_steps: int = 1
     max_steps: int = 3
-    max_digits: int = 2
+    max_digits: int = 1
     ops: str = "+-"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"synthetic.min_steps={self.min_steps}, max_steps={self.max_steps}: need 1 <= min <= max")
+            raise ValueError(
+                f"synthetic.min_steps={self.min_steps}, max_steps={self.max_steps}: need 1 <= min <= max"
+            )
         if self.max_digits < 1:
             raise ValueError(f"synthetic.max_digits={self.max_digits}: must be >= 1")
         if not self.ops or set(self.ops) - set("+-x"):

@@ -28,6 +28,8 @@ from rl.prompts import PromptConfig, render_prompt
 from rl.synthetic import SyntheticConfig, SyntheticExample, make_examples
 from rl.tokenizer import build_char_tokenizer
 
+REPORT_FILE = "tiny_base_report.json"
+
 
 @dataclass
 class TinyModelConfig:
@@ -108,7 +110,9 @@ def _encode_sft(
     """(token ids, prompt length) per example."""
     out = []
     for ex in examples:
-        prompt = tokenizer(render_prompt(tokenizer, ex.question, prompt_cfg), add_special_tokens=False).input_ids
+        prompt = tokenizer(
+            render_prompt(tokenizer, ex.question, prompt_cfg), add_special_tokens=False
+        ).input_ids
         completion = tokenizer(
             completion_text(ex, prompt_cfg, tokenizer.eos_token), add_special_tokens=False
         ).input_ids
@@ -116,7 +120,9 @@ def _encode_sft(
     return out
 
 
-def _collate(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(
+    rows: list[tuple[list[int], int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, L], attention mask [B, L] and labels [B, L] (-100 on prompt and padding)."""
     length = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -135,7 +141,9 @@ def train_sft(
     """Completion-only SFT with AdamW, linear warmup and cosine decay. Returns the loss per step."""
     data = _encode_sft(make_examples(cfg.synthetic, "train"), tokenizer, cfg.model.prompt)
     rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay, betas=(0.9, 0.95)
+    )
 
     def lr_factor(step: int) -> float:
         if step < cfg.sft.warmup_steps:
@@ -217,5 +225,5 @@ def make_tiny_base(cfg: TinyBaseConfig, progress: bool = True) -> dict[str, floa
         "output_dir": str(out),
         "fingerprint": cfg.fingerprint(),
     }
-    (out / "tiny_base_report.json").write_text(json.dumps(report, indent=2))
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report

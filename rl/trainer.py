@@ -44,7 +44,7 @@ from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms
-from rollouts.engine import generate
+from rollouts.engine import generate, input_embedding_matrix
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
 INFER_MODES = ("hard_greedy", "hard_sample", "soft_greedy", "soft_sample", "fuzzy_greedy", "fuzzy_sample")
@@ -87,6 +87,7 @@ class TrainerConfig:
     eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
     save_every: int = 50
     keep_last: int = 2
+    diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
     resume: str = "auto"  # auto = continue from the newest checkpoint in output_dir; never = start fresh
 
     def __post_init__(self) -> None:
@@ -98,7 +99,7 @@ class TrainerConfig:
         if self.resume not in ("auto", "never"):
             raise ValueError(f"trainer.resume={self.resume!r}: expected 'auto' or 'never'")
         unknown = sorted(set(self.eval_modes) - set(INFER_MODES))
-        if unknown or self.eval_primary not in INFER_MODES:
+        if unknown or (self.eval_modes and self.eval_primary not in INFER_MODES):
             raise ValueError(
                 f"trainer.eval_modes={self.eval_modes}, eval_primary={self.eval_primary!r}: modes must be in {INFER_MODES}"
             )
@@ -128,7 +129,7 @@ class StepStats:
     cot_term: float
     answer_term: float
     grad_norm: float
-    cot_grad_norm: float  # norm of the gradient of the CoT term alone (first micro-batch, first iteration)
+    cot_grad_norm: float  # ‖∇ CoT term‖ (first micro-batch, first iteration), every `diag_every` steps, else NaN
     lr: float
     skipped: bool
     tokens_per_s: float
@@ -187,6 +188,14 @@ class Trainer:
         self.config_yaml = config_yaml
         self.dist = PartialState(cpu=cfg.trainer.device == "cpu")
         self.rank, self.world = self.dist.process_index, self.dist.num_processes
+        kind = str(self.dist.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("DEEPSPEED", "FSDP"):
+            # Refuse rather than silently run unsharded replicas under a ZeRO / FSDP launch config.
+            raise NotImplementedError(
+                f"accelerate distributed_type={kind}: the trainer shards nothing yet (parameters, gradients and "
+                "optimizer state are replicated and gradients all-reduced); launch with "
+                "recipes/accelerate/ddp.yaml (GPU) or cpu2.yaml (CPU) until ZeRO / FSDP support lands"
+            )
         self.main = self.dist.is_main_process
         if cfg.trainer.prompts_per_step % self.world:
             raise ValueError(
@@ -204,7 +213,7 @@ class Trainer:
         self.think_end_ids, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
         self.opt = build_optimizer(self.model, cfg.rl.optim)
         self.sched = build_scheduler(self.opt, cfg.rl.optim, total_steps=cfg.trainer.max_steps)
-        emb = self.model.get_input_embeddings().weight
+        emb = input_embedding_matrix(self.model)
         rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
         self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
         self.state.reward_status = dict.fromkeys(STATUSES, 0)
@@ -243,20 +252,30 @@ class Trainer:
         parts = []
         for lo in range(0, share, tcfg.rollout_chunk):
             chunk = problems[lo : lo + tcfg.rollout_chunk]
-            gen = torch.Generator(device=self.device).manual_seed(chunk_seed(tcfg.seed, step, self.rank * share + lo))
+            gen = torch.Generator(device=self.device).manual_seed(
+                chunk_seed(tcfg.seed, step, self.rank * share + lo)
+            )
             self.model.eval()
             with torch.no_grad():
                 parts.append(
                     generate(
-                        self.model, encode_prompts(self.tokenizer, [p.question for p in chunk], self.cfg.model.prompt),
-                        self.cfg.cot, group_size=self.cfg.rl.group_size, sigma=self.state.sigma,
-                        think_end_ids=self.think_end_ids, eos_id=self.eos_id, pad_id=self.pad_id, generator=gen,
+                        self.model,
+                        encode_prompts(self.tokenizer, [p.question for p in chunk], self.cfg.model.prompt),
+                        self.cfg.cot,
+                        group_size=self.cfg.rl.group_size,
+                        sigma=self.state.sigma,
+                        think_end_ids=self.think_end_ids,
+                        eos_id=self.eos_id,
+                        pad_id=self.pad_id,
+                        generator=gen,
                     )
                 )
             self.model.train()
         return concat_rollouts(parts), problems
 
-    def rewards(self, rollouts: Rollouts, problems: list[Problem], pool: RewardPool) -> tuple[list[float | None], list]:
+    def rewards(
+        self, rollouts: Rollouts, problems: list[Problem], pool: RewardPool
+    ) -> tuple[list[float | None], list]:
         texts = completion_texts(rollouts, self.tokenizer)
         golds = [p.answers for p in problems for _ in range(self.cfg.rl.group_size)]
         results = pool.score(texts, golds)
@@ -293,7 +312,10 @@ class Trainer:
         n = rollouts.num_rollouts
         size = rl.micro_batch or n
         slices = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        answer_kw = {"answer_temperature": self.cfg.cot.answer_temperature, "answer_top_p": self.cfg.cot.answer_top_p}
+        answer_kw = {
+            "answer_temperature": self.cfg.cot.answer_temperature,
+            "answer_top_p": self.cfg.cot.answer_top_p,
+        }
 
         def score(model: Any, part: Rollouts) -> Any:
             return sequence_log_probs(model, part, self.cfg.cot, rl.logprobs, **answer_kw)
@@ -301,19 +323,27 @@ class Trainer:
         parts = [rollouts.select(s) for s in slices]
         part_adv = [adv.select(s) for s in slices]
         with torch.no_grad():
-            old = [score(self.model, p).detach() for p in parts] if rl.num_iterations > 1 else [None] * len(parts)
-            ref = [score(self.ref, p).detach() for p in parts] if self.ref is not None else [None] * len(parts)
-        stats: dict[str, float] = {}
+            old = (
+                [score(self.model, p).detach() for p in parts]
+                if rl.num_iterations > 1
+                else [None] * len(parts)
+            )
+            ref = (
+                [score(self.ref, p).detach() for p in parts] if self.ref is not None else [None] * len(parts)
+            )
+        stats: dict[str, float] = {"cot_grad_norm": float("nan")}  # NaN (null in metrics.jsonl) when not measured
         for iteration in range(rl.num_iterations):
             new_all = []
             total = 0.0
             outs = []
             # the normaliser depends only on masks and advantages: sum it over micro-batches and processes
-            norm = self._all_sum(sum(loss_normalizer(p, a, rl.loss) for p, a in zip(parts, part_adv, strict=True)))
+            norm = self._all_sum(
+                sum(loss_normalizer(p, a, rl.loss) for p, a in zip(parts, part_adv, strict=True))
+            )
             for i, (part, a) in enumerate(zip(parts, part_adv, strict=True)):
                 new = score(self.model, part)
                 out = policy_loss(new, a, rl.loss, old=old[i], ref=ref[i], normalizer=norm)
-                if iteration == 0 and i == 0:
+                if iteration == 0 and i == 0 and self._diagnose():
                     stats["cot_grad_norm"] = self._cot_grad_norm(new, a, old[i], ref[i], norm)
                 out.loss.backward()
                 total += float(out.loss.detach())
@@ -328,6 +358,10 @@ class Trainer:
         self.sched.step()
         return stats
 
+    def _diagnose(self) -> bool:
+        every = self.cfg.trainer.diag_every
+        return bool(every) and self.state.step % every == 0
+
     def _cot_grad_norm(self, new: Any, adv: Any, old: Any, ref: Any, norm: float) -> float:
         """‖∇ CoT term‖ alone: how hard the Gaussian (or hard-CoT) term pushes, for diagnosing soft training."""
         out = policy_loss(new, adv, self.cfg.rl.loss, old=old, ref=ref, normalizer=norm)
@@ -339,26 +373,7 @@ class Trainer:
 
     @staticmethod
     def _loss_stats(outs: list, new_all: list, result: Any) -> dict[str, float]:
-        def mean(name: str, weight: str) -> float:
-            w = sum(getattr(o, weight) for o in outs)
-            return sum(getattr(o, name) * getattr(o, weight) for o in outs) / w if w else 0.0
-
-        steps = sum(o.num_cot_steps + o.num_answer_steps for o in outs)
-        clipped = sum(o.clip_fraction * (o.num_cot_steps + o.num_answer_steps) for o in outs)
-        gaps = [log_prob_gap(part, new) for part, new in new_all]
-        return {
-            "noise_ratio": noise_ratio(new_all),
-            "loss": sum(float(o.loss.detach()) for o in outs),
-            "cot_term": sum(o.cot_term for o in outs),
-            "answer_term": sum(o.answer_term for o in outs),
-            "clip_fraction": clipped / steps if steps else 0.0,
-            "kl_cot": mean("kl_cot", "num_cot_steps"),
-            "kl_answer": mean("kl_answer", "num_answer_steps"),
-            "gap_cot": sum(g.cot for g in gaps) / len(gaps),
-            "gap_answer": sum(g.answer for g in gaps) / len(gaps),
-            "grad_norm": result.grad_norm,
-            "lr": result.lr,
-        }
+        return loss_stats(outs, new_all, result.grad_norm, result.lr)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, ModeSummary]:
@@ -372,12 +387,24 @@ class Trainer:
             infer = load_infer_recipe(name, self.cfg.cot)
             sigma = self.sigma_for(infer, self.state.rms)
             _, summary = evaluate_mode(
-                self.model, self.tokenizer, self.eval_problems, infer, n=tcfg.eval_n, pool=pool,
-                prompt=self.cfg.model.prompt, sigma=sigma, seed=tcfg.seed, batch_size=tcfg.eval_batch_size,
+                self.model,
+                self.tokenizer,
+                self.eval_problems,
+                infer,
+                n=tcfg.eval_n,
+                pool=pool,
+                prompt=self.cfg.model.prompt,
+                sigma=sigma,
+                seed=tcfg.seed,
+                batch_size=tcfg.eval_batch_size,
                 progress=False,
             )
             out[name] = summary
-            print(f"[softgrpo] {tag} {name}: " + ", ".join(f"pass@{k}={v:.3f}" for k, v in summary.pass_at.items()), flush=True)
+            print(
+                f"[softgrpo] {tag} {name}: "
+                + ", ".join(f"pass@{k}={v:.3f}" for k, v in summary.pass_at.items()),
+                flush=True,
+            )
         return out
 
     # ---------------------------------------------------------------- the loop
@@ -386,10 +413,14 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(self.config_yaml)
-        logger = MetricsLogger(self.out, cfg.logger, {"config": self.config_yaml}) if self.main else NullLogger()
+        logger = (
+            MetricsLogger(self.out, cfg.logger, {"config": self.config_yaml}) if self.main else NullLogger()
+        )
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         summary_path = self.out / "summary.json"
-        summary: dict[str, Any] = json.loads(summary_path.read_text()) if self.resumed_from and summary_path.exists() else {}
+        summary: dict[str, Any] = (
+            json.loads(summary_path.read_text()) if self.resumed_from and summary_path.exists() else {}
+        )
         try:
             with RewardPool(cfg.reward) as pool:
                 if self.main and "eval_before" not in summary:
@@ -402,14 +433,23 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(reward=f"{stats.reward_mean:.3f}", cot=f"{stats.cot_len:.1f}")
                     step = self.state.step
-                    if self.main and tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
+                    if (
+                        self.main
+                        and tcfg.eval_modes
+                        and tcfg.eval_every
+                        and step % tcfg.eval_every == 0
+                        and step < tcfg.max_steps
+                    ):
                         evals = self.evaluate([tcfg.eval_primary], pool, f"step {step}")
                         logger.log(evals[tcfg.eval_primary].flat(f"eval/{tcfg.eval_primary}"), step=step)
                     if step % tcfg.save_every == 0 or self._stop:
                         self.checkpoint()
                 bar.close()
                 if self._stop:
-                    print(f"[softgrpo] SIGTERM: checkpoint written at step {self.state.step}; exiting", flush=True)
+                    print(
+                        f"[softgrpo] SIGTERM: checkpoint written at step {self.state.step}; exiting",
+                        flush=True,
+                    )
                     raise SystemExit(143)
                 self.checkpoint()
                 if self.main:
@@ -432,31 +472,49 @@ class Trainer:
         return summary
 
     def _eval_block(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, Any]:
+        if not modes:  # evaluation switched off (trainer.eval_modes=[])
+            return {"primary": None, "pass@1": None, "pass@k": {}}
         primary = self.cfg.trainer.eval_primary
         ordered = [primary] + [m for m in modes if m != primary]
         results = self.evaluate(ordered, pool, tag)
         block: dict[str, Any] = {"primary": primary}
         for name, s in results.items():
-            block[name] = {"pass@1": s.pass_at[1], **{f"pass@{k}": v for k, v in s.pass_at.items()},
-                           "cot_len": s.mean_cot_len, "answer_len": s.mean_answer_len, "think_end": s.think_end}
+            block[name] = {
+                "pass@1": s.pass_at[1],
+                **{f"pass@{k}": v for k, v in s.pass_at.items()},
+                "cot_len": s.mean_cot_len,
+                "answer_len": s.mean_answer_len,
+                "think_end": s.think_end,
+            }
         block["pass@1"] = block[primary]["pass@1"]
         block["pass@k"] = {k: v for k, v in block[primary].items() if k.startswith("pass@")}
         return block
 
     def _plot(self, summary: dict[str, Any]) -> None:
+        if summary["eval_before"]["primary"] is None:
+            return
         curves = {}
         for tag in ("eval_before", "eval_after"):
             block = summary[tag]
             primary = block["primary"]
-            curves[f"{primary} {tag[5:]}"] = {int(k[5:]): v for k, v in block[primary].items() if k.startswith("pass@")}
+            curves[f"{primary} {tag[5:]}"] = {
+                int(k[5:]): v for k, v in block[primary].items() if k.startswith("pass@")
+            }
         plot_pass_at_k(curves, self.out / "passk.png", title="held-out pass@k, before vs after")
 
     def checkpoint(self) -> None:
         if self.world > 1:
             dist.barrier()
         if self.main:
-            save_checkpoint(self.out / "checkpoints", self.model, self.tokenizer, self.opt, self.sched, self.state,
-                            self.cfg.trainer.keep_last)
+            save_checkpoint(
+                self.out / "checkpoints",
+                self.model,
+                self.tokenizer,
+                self.opt,
+                self.sched,
+                self.state,
+                self.cfg.trainer.keep_last,
+            )
         if self.world > 1:
             dist.barrier()
 
@@ -465,53 +523,90 @@ class Trainer:
         step = self.state.step
         rollouts, problems = self.rollout(step)
         rewards, results = self.rewards(rollouts, problems, pool)
-        loss_stats = self.update(rollouts, rewards)
+        update_stats = self.update(rollouts, rewards)
         self.state.step += 1
         self.state.consumed += self.cfg.trainer.prompts_per_step
-        skipped = bool(loss_stats["skipped"])
+        skipped = bool(update_stats["skipped"])
         self.state.skipped_steps += int(skipped)
         for r in results:
             self.state.reward_status[r.status] += 1
-        return self._step_stats(rollouts, rewards, results, loss_stats, skipped, time.time() - start)
-
-    def _step_stats(self, rollouts: Rollouts, rewards: list, results: list, ls: dict, skipped: bool,
-                    seconds: float) -> StepStats:
-        from rewards import status_counts
-
-        judged = torch.tensor([r for r in rewards if r is not None], dtype=torch.float32)
-        adv = compute_advantages(rewards, rollouts.group_index, self.cfg.rl.advantages)
-        adv_vals = adv.values[adv.mask]
-        cot_len = rollouts.cot_lengths.float()
-        ans_len = rollouts.answer_lengths.float()
-        reasons = torch.bincount(rollouts.think_end.cpu(), minlength=len(THINK_END_REASONS)).float()
-        tokens = float(cot_len.sum() + ans_len.sum())
-        return StepStats(
-            reward_mean=float(judged.mean()) if judged.numel() else float("nan"),
-            reward_std=float(judged.std(unbiased=False)) if judged.numel() else float("nan"),
-            reward_status=status_counts(results),
-            adv_mean=float(adv_vals.mean()) if adv_vals.numel() else 0.0,
-            adv_std=float(adv_vals.std(unbiased=False)) if adv_vals.numel() else 0.0,
-            adv_abs_mean=float(adv_vals.abs().mean()) if adv_vals.numel() else 0.0,
-            cot_len=float(cot_len.mean()),
-            answer_len=float(ans_len.mean()),
-            think_end={r: float(reasons[i] / rollouts.num_rollouts) for i, r in enumerate(THINK_END_REASONS)},
-            cot_entropy=masked_mean(rollouts.cot_entropy, rollouts.cot_mask),
-            noise_ratio=ls["noise_ratio"],
-            gap_cot=ls["gap_cot"],
-            gap_answer=ls["gap_answer"],
-            clip_fraction=ls["clip_fraction"],
-            kl_cot=ls["kl_cot"],
-            kl_answer=ls["kl_answer"],
-            loss=ls["loss"],
-            cot_term=ls["cot_term"],
-            answer_term=ls["answer_term"],
-            grad_norm=ls["grad_norm"],
-            cot_grad_norm=ls["cot_grad_norm"],
-            lr=ls["lr"],
-            skipped=skipped,
-            tokens_per_s=tokens / seconds,
-            step_time=seconds,
+        return step_stats(
+            rollouts, rewards, results, update_stats, self.cfg.rl.advantages, skipped, time.time() - start
         )
+
+
+def loss_stats(outs: list, new_all: list, grad_norm: float, lr: float) -> dict[str, float]:
+    """Loss statistics of one update from the micro-batches' `LossOutput`s: terms are summed (each was
+    already divided by the global normaliser), per-step means are weighted by each micro-batch's step count."""
+
+    def mean(name: str, weight: str) -> float:
+        w = sum(getattr(o, weight) for o in outs)
+        return sum(getattr(o, name) * getattr(o, weight) for o in outs) / w if w else 0.0
+
+    steps = sum(o.num_cot_steps + o.num_answer_steps for o in outs)
+    clipped = sum(o.clip_fraction * (o.num_cot_steps + o.num_answer_steps) for o in outs)
+    gaps = [log_prob_gap(part, new) for part, new in new_all]
+    return {
+        "noise_ratio": noise_ratio(new_all),
+        "loss": sum(float(o.loss.detach()) for o in outs),
+        "cot_term": sum(o.cot_term for o in outs),
+        "answer_term": sum(o.answer_term for o in outs),
+        "clip_fraction": clipped / steps if steps else 0.0,
+        "kl_cot": mean("kl_cot", "num_cot_steps"),
+        "kl_answer": mean("kl_answer", "num_answer_steps"),
+        "gap_cot": sum(g.cot for g in gaps) / len(gaps),
+        "gap_answer": sum(g.answer for g in gaps) / len(gaps),
+        "grad_norm": grad_norm,
+        "lr": lr,
+    }
+
+
+def step_stats(
+    rollouts: Rollouts,
+    rewards: list[float | None],
+    results: list,
+    ls: dict[str, float],
+    adv_cfg: AdvantageConfig,
+    skipped: bool,
+    seconds: float,
+) -> StepStats:
+    """The metrics of one step from its rollouts, rewards, reward verdicts and loss statistics `ls`."""
+    from rewards import status_counts
+
+    judged = torch.tensor([r for r in rewards if r is not None], dtype=torch.float32)
+    adv = compute_advantages(rewards, rollouts.group_index, adv_cfg)
+    adv_vals = adv.values[adv.mask]
+    cot_len = rollouts.cot_lengths.float()
+    ans_len = rollouts.answer_lengths.float()
+    reasons = torch.bincount(rollouts.think_end.cpu(), minlength=len(THINK_END_REASONS)).float()
+    tokens = float(cot_len.sum() + ans_len.sum())
+    return StepStats(
+        reward_mean=float(judged.mean()) if judged.numel() else float("nan"),
+        reward_std=float(judged.std(unbiased=False)) if judged.numel() else float("nan"),
+        reward_status=status_counts(results),
+        adv_mean=float(adv_vals.mean()) if adv_vals.numel() else 0.0,
+        adv_std=float(adv_vals.std(unbiased=False)) if adv_vals.numel() else 0.0,
+        adv_abs_mean=float(adv_vals.abs().mean()) if adv_vals.numel() else 0.0,
+        cot_len=float(cot_len.mean()),
+        answer_len=float(ans_len.mean()),
+        think_end={r: float(reasons[i] / rollouts.num_rollouts) for i, r in enumerate(THINK_END_REASONS)},
+        cot_entropy=masked_mean(rollouts.cot_entropy, rollouts.cot_mask),
+        noise_ratio=ls["noise_ratio"],
+        gap_cot=ls["gap_cot"],
+        gap_answer=ls["gap_answer"],
+        clip_fraction=ls["clip_fraction"],
+        kl_cot=ls["kl_cot"],
+        kl_answer=ls["kl_answer"],
+        loss=ls["loss"],
+        cot_term=ls["cot_term"],
+        answer_term=ls["answer_term"],
+        grad_norm=ls["grad_norm"],
+        cot_grad_norm=ls["cot_grad_norm"],
+        lr=ls["lr"],
+        skipped=skipped,
+        tokens_per_s=tokens / seconds,
+        step_time=seconds,
+    )
 
 
 def noise_ratio(scored: list[tuple[Rollouts, Any]]) -> float:

@@ -55,7 +55,9 @@ class CotConfig:
         if self.noise_scale < 0:
             raise ValueError(f"cot.noise_scale={self.noise_scale}: must be >= 0")
         if not 0 < self.top_p <= 1 or not 0 < self.answer_top_p <= 1:
-            raise ValueError(f"cot.top_p={self.top_p}, cot.answer_top_p={self.answer_top_p}: must be in (0, 1]")
+            raise ValueError(
+                f"cot.top_p={self.top_p}, cot.answer_top_p={self.answer_top_p}: must be in (0, 1]"
+            )
         if not 0 <= self.min_p < 1:
             raise ValueError(f"cot.min_p={self.min_p}: must be in [0, 1)")
         if self.top_k < 0:

@@ -13,7 +13,9 @@ import torch
 from rollouts.config import CotConfig
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """`filter(z)`: set to -inf every logit outside the top-k / top-p nucleus / min-p floor of softmax(z).
 
     The mask is computed on the untempered distribution softmax(z), as DESIGN.md writes p = softmax(filter(z)/τ);

@@ -55,7 +55,9 @@ class DecodeState:
 
     phase: torch.Tensor  # [N] int64, THINK | DELIMITER | ANSWER | DONE
     next_pos: torch.Tensor  # [N] int64, position id of the next fed input (= real tokens so far)
-    attention_mask: torch.Tensor  # [N, P + S] int64, grows one column per step; 0 on pads and rolled-back steps
+    attention_mask: (
+        torch.Tensor
+    )  # [N, P + S] int64, grows one column per step; 0 on pads and rolled-back steps
     cot_len: torch.Tensor  # [N] int64
     delim_idx: torch.Tensor  # [N] int64, next delimiter token to force
     answer_len: torch.Tensor  # [N] int64, answer tokens written (delimiter included)
@@ -71,13 +73,14 @@ class DecodeState:
     answer_logprobs: torch.Tensor  # [N, A] float32
 
 
-def input_embedding_matrix(model: PreTrainedModel) -> torch.Tensor:
+def input_embedding_matrix(model: PreTrainedModel, detach: bool = True) -> torch.Tensor:
     """E [V, d] as the model sees it: a row is exactly what the embedding module returns for that id. That is the
     weight itself for Llama / Qwen2 / Mistral (the same tensor, no copy), and weight × `embed_scale` for models
     whose embedding module scales its output (Gemma multiplies by sqrt(d) inside the module, so a vector passed as
-    `inputs_embeds` must already carry the scale). μ = p E, hard inputs E[c] and σ all use this matrix."""
+    `inputs_embeds` must already carry the scale). μ = p E, hard inputs E[c] and σ all use this matrix.
+    `detach=False` keeps the graph to the weight (the learner: μ's gradient reaches E)."""
     module = model.get_input_embeddings()
-    weight = module.weight.detach()  # [V, d]
+    weight = module.weight.detach() if detach else module.weight  # [V, d]
     scale = getattr(module, "embed_scale", None)
     if scale is None:
         return weight
@@ -95,7 +98,9 @@ def _write(buf: torch.Tensor, index: torch.Tensor, value: torch.Tensor, where: t
     buf.scatter_(1, idx, torch.where(where, value.to(buf.dtype), buf.gather(1, idx)))
 
 
-def _left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    prompt_ids: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError(f"every prompt needs at least one token; lengths {[len(p) for p in prompt_ids]}")
     width = max(len(p) for p in prompt_ids)
@@ -243,8 +248,15 @@ def generate(
         answer_logprobs=zeros(n, a_buf, dtype=torch.float32),
     )
     stepper = _Stepper(
-        cfg, cot_action_fn(cfg, sigma), emb32, delimiter, ThinkEndDetector(cfg, delimiter, n), eos_id, pad_id,
-        generator, width,
+        cfg,
+        cot_action_fn(cfg, sigma),
+        emb32,
+        delimiter,
+        ThinkEndDetector(cfg, delimiter, n),
+        eos_id,
+        pad_id,
+        generator,
+        width,
     )
 
     cache = DynamicCache(config=model.config)
@@ -303,7 +315,9 @@ def _finish(
         cot_mode=cfg.mode,
         prompt_ids=prompts,
         prompt_mask=prompt_mask,
-        group_index=torch.arange(prompts.shape[0] // group_size, device=prompts.device).repeat_interleave(group_size),
+        group_index=torch.arange(prompts.shape[0] // group_size, device=prompts.device).repeat_interleave(
+            group_size
+        ),
         cot_ids=st.cot_ids[:, :t_len].masked_fill(~cot_mask, pad_id),
         cot_inputs=cot_inputs,
         cot_top1_ids=st.cot_top1[:, :t_len].masked_fill(~cot_mask, pad_id),

@@ -81,9 +81,23 @@ class Rollouts:
     def samples(self, tokenizer=None) -> list[Rollout]:
         """The per-sample view (CPU, plain Python values). `answer_text` comes from `answer_texts` when the engine
         filled it, else from decoding the sampled answer tokens with `tokenizer`, else ""."""
-        cpu = {name: getattr(self, name).cpu() for name in (
-            "prompt_ids", "prompt_mask", "cot_ids", "cot_top1_ids", "cot_mask", "cot_entropy", "cot_logprobs",
-            "answer_ids", "answer_mask", "answer_action_mask", "answer_logprobs", "think_end")}
+        cpu = {
+            name: getattr(self, name).cpu()
+            for name in (
+                "prompt_ids",
+                "prompt_mask",
+                "cot_ids",
+                "cot_top1_ids",
+                "cot_mask",
+                "cot_entropy",
+                "cot_logprobs",
+                "answer_ids",
+                "answer_mask",
+                "answer_action_mask",
+                "answer_logprobs",
+                "think_end",
+            )
+        }
         inputs = None if self.cot_inputs is None else self.cot_inputs.detach().float().cpu()  # [N, T, d]
         out = []
         for i in range(self.num_rollouts):
@@ -92,7 +106,9 @@ class Rollouts:
             if self.answer_texts:
                 text = self.answer_texts[i]
             elif tokenizer is not None:
-                text = tokenizer.decode(answer_ids[cpu["answer_action_mask"][i, :a]].tolist(), skip_special_tokens=True)
+                text = tokenizer.decode(
+                    answer_ids[cpu["answer_action_mask"][i, :a]].tolist(), skip_special_tokens=True
+                )
             else:
                 text = ""
             out.append(
@@ -114,21 +130,35 @@ class Rollouts:
 
     def select(self, rows: slice) -> Rollouts:
         """The rollouts in `rows` (a contiguous slice; group indices are kept as they are)."""
+
         def take(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[rows]
 
         return Rollouts(
-            cot_mode=self.cot_mode, prompt_ids=take(self.prompt_ids), prompt_mask=take(self.prompt_mask),
-            group_index=take(self.group_index), cot_ids=take(self.cot_ids), cot_inputs=take(self.cot_inputs),
-            cot_top1_ids=take(self.cot_top1_ids), cot_mask=take(self.cot_mask), cot_entropy=take(self.cot_entropy),
-            cot_logprobs=take(self.cot_logprobs), answer_ids=take(self.answer_ids), answer_mask=take(self.answer_mask),
-            answer_action_mask=take(self.answer_action_mask), answer_logprobs=take(self.answer_logprobs),
-            think_end=take(self.think_end), sigma=self.sigma, temperature=self.temperature,
+            cot_mode=self.cot_mode,
+            prompt_ids=take(self.prompt_ids),
+            prompt_mask=take(self.prompt_mask),
+            group_index=take(self.group_index),
+            cot_ids=take(self.cot_ids),
+            cot_inputs=take(self.cot_inputs),
+            cot_top1_ids=take(self.cot_top1_ids),
+            cot_mask=take(self.cot_mask),
+            cot_entropy=take(self.cot_entropy),
+            cot_logprobs=take(self.cot_logprobs),
+            answer_ids=take(self.answer_ids),
+            answer_mask=take(self.answer_mask),
+            answer_action_mask=take(self.answer_action_mask),
+            answer_logprobs=take(self.answer_logprobs),
+            think_end=take(self.think_end),
+            sigma=self.sigma,
+            temperature=self.temperature,
             answer_texts=self.answer_texts[rows] if self.answer_texts else [],
         )
 
 
-def _pad_to(x: torch.Tensor, length: int, dim: int, value: float | int | bool, left: bool = False) -> torch.Tensor:
+def _pad_to(
+    x: torch.Tensor, length: int, dim: int, value: float | int | bool, left: bool = False
+) -> torch.Tensor:
     missing = length - x.shape[dim]
     if missing == 0:
         return x

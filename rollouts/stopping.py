@@ -28,7 +28,9 @@ class ThinkEndDetector:
 
     def __init__(self, cfg: CotConfig, think_end_ids: torch.Tensor, num_rows: int):
         if think_end_ids.ndim != 1 or think_end_ids.numel() == 0:
-            raise ValueError(f"think_end_ids must be a non-empty 1-D id tensor, got shape {tuple(think_end_ids.shape)}")
+            raise ValueError(
+                f"think_end_ids must be a non-empty 1-D id tensor, got shape {tuple(think_end_ids.shape)}"
+            )
         self.delimiter = think_end_ids  # [D]
         self.max_think = cfg.max_think_tokens
         self.threshold = cfg.entropy_stop_threshold

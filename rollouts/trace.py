@@ -38,8 +38,13 @@ def trace_steps(model: PreTrainedModel, sample: Rollout, cfg: CotConfig, k: int 
     probs, ids = torch.topk(log_p.exp(), k, dim=-1)  # [T, k]
     ents = entropy(log_p)  # [T]
     return [
-        TraceStep(step=t, chosen_id=sample.cot_ids[t], top_ids=ids[t].tolist(), top_probs=probs[t].tolist(),
-                  entropy=float(ents[t]))
+        TraceStep(
+            step=t,
+            chosen_id=sample.cot_ids[t],
+            top_ids=ids[t].tolist(),
+            top_probs=probs[t].tolist(),
+            entropy=float(ents[t]),
+        )
         for t in range(len(sample.cot_ids))
     ]
 
@@ -57,7 +62,9 @@ def trace_table(steps: list[TraceStep], tokenizer=None, *, header: str = "") -> 
     lines = [header] if header else []
     lines.append(f"{'step':>4}  {'H':>6}  {'chosen':<10}  top-k (p)")
     for s in steps:
-        tops = "  ".join(f"{_token(tokenizer, i)} {p:.3f}" for i, p in zip(s.top_ids, s.top_probs, strict=True))
+        tops = "  ".join(
+            f"{_token(tokenizer, i)} {p:.3f}" for i, p in zip(s.top_ids, s.top_probs, strict=True)
+        )
         lines.append(f"{s.step:>4}  {s.entropy:>6.3f}  {_token(tokenizer, s.chosen_id):<10}  {tops}")
     return "\n".join(lines)
 
@@ -92,5 +99,7 @@ def trace_html(steps: list[TraceStep], tokenizer=None, *, title: str = "soft tra
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n"
-        f"<table><tr><th>step</th><th>H (nats)</th><th>chosen</th>{head}</tr>\n" + "\n".join(rows) + "\n</table></body></html>\n"
+        f"<table><tr><th>step</th><th>H (nats)</th><th>chosen</th>{head}</tr>\n"
+        + "\n".join(rows)
+        + "\n</table></body></html>\n"
     )

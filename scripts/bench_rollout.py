@@ -18,23 +18,37 @@ import json
 import statistics
 import time
 
+import _bootstrap  # noqa: F401
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwen2Config
 
 from rollouts.config import CotConfig
 from rollouts.distributions import noise_sigma
-from rollouts.engine import generate
+from rollouts.engine import generate, input_embedding_matrix
 
 PRESETS = {
     # a small Llama that makes CPU timing meaningful in seconds
     "tiny-llama": lambda: LlamaConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
     ),
     # Qwen2.5-0.5B's shapes with random weights, for GPU runs without a download
     "qwen2.5-0.5b": lambda: Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1000000.0,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
         use_sliding_window=False,
     ),
 }
@@ -89,7 +103,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, name = build_model(args)
     vocab = model.get_input_embeddings().weight.shape[0]
-    prompts = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(
+        3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     delimiter = tuple(range(vocab - DELIMITER_LEN, vocab))
     modes = {
         "hard": CotConfig(mode="hard", temperature=1.0),
@@ -99,13 +115,22 @@ def main() -> None:
     seconds, tokens = {}, {}
     for mode, base in modes.items():
         cfg = CotConfig(**{**vars(base), "max_think_tokens": args.new_tokens, "max_answer_tokens": 1})
-        sigma = noise_sigma(model.get_input_embeddings().weight, cfg)
+        sigma = noise_sigma(input_embedding_matrix(model), cfg)
         gen = torch.Generator(device=args.device)
 
         def run(cfg=cfg, sigma=sigma, gen=gen):
             gen.manual_seed(0)
-            return generate(model, prompts.tolist(), cfg, group_size=1, sigma=sigma, think_end_ids=delimiter,
-                            eos_id=-1, pad_id=0, generator=gen)
+            return generate(
+                model,
+                prompts.tolist(),
+                cfg,
+                group_size=1,
+                sigma=sigma,
+                think_end_ids=delimiter,
+                eos_id=-1,
+                pad_id=0,
+                generator=gen,
+            )
 
         r = run()
         tokens[mode] = int((r.cot_lengths + r.answer_lengths).sum())
@@ -116,8 +141,18 @@ def main() -> None:
     mask = torch.ones_like(ids)
 
     def hf_generate():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=per_row, min_new_tokens=per_row, do_sample=True,
-                              temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0)
+        return model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=per_row,
+            min_new_tokens=per_row,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
 
     tokens["hf_generate"] = int(hf_generate()[:, args.prompt_len :].numel())
     seconds["hf_generate"] = timed(hf_generate, args.device, args.repeats)

@@ -20,6 +20,7 @@ from rl.evaluation import evaluate_mode, write_outputs
 from rl.model import load_policy
 from rl.runtime import resolve_device, seed_everything
 from rollouts.distributions import noise_sigma
+from rollouts.engine import input_embedding_matrix
 
 register_configs()
 
@@ -30,14 +31,30 @@ def main(raw) -> None:
     seed_everything(cfg.seed)
     problems = load_problems(cfg.data, cfg.data.eval_split)
     model, tokenizer = load_policy(cfg.model, resolve_device(cfg.device))
-    sigma = noise_sigma(model.get_input_embeddings().weight, cfg.infer)
+    sigma = noise_sigma(input_embedding_matrix(model), cfg.infer)
     with RewardPool(cfg.reward) as pool:
         rows, summary = evaluate_mode(
-            model, tokenizer, problems, cfg.infer, n=cfg.n, pool=pool, prompt=cfg.model.prompt,
-            sigma=sigma, seed=cfg.seed, batch_size=cfg.batch_size,
+            model,
+            tokenizer,
+            problems,
+            cfg.infer,
+            n=cfg.n,
+            pool=pool,
+            prompt=cfg.model.prompt,
+            sigma=sigma,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
         )
     out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw))
-    print(json.dumps({"output_dir": str(out), "mode": summary.mode, **{f"pass@{k}": v for k, v in summary.pass_at.items()}}))
+    print(
+        json.dumps(
+            {
+                "output_dir": str(out),
+                "mode": summary.mode,
+                **{f"pass@{k}": v for k, v in summary.pass_at.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

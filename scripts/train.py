@@ -14,6 +14,8 @@ import json
 
 import _bootstrap  # noqa: F401
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from rl.config import RECIPES_DIR, TrainConfig, register_configs, to_object
@@ -24,20 +26,28 @@ register_configs()
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="train", version_base="1.3")
 def main(raw) -> None:
+    run = HydraConfig.get()
+    if run.mode == RunMode.MULTIRUN:
+        # each sweep job trains in its own multirun/<date>/<overrides>/ directory, beside Hydra's .hydra/
+        raw.output_dir = run.runtime.output_dir
     cfg = to_object(raw, TrainConfig)
     trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
     summary = trainer.run()
     if trainer.main:
         before, after = summary["eval_before"], summary["eval_after"]
         primary = before["primary"]
-        print(json.dumps({
-            "output_dir": cfg.output_dir,
-            "primary_mode": primary,
-            "heldout_pass@1_before": before["pass@1"],
-            "heldout_pass@1_after": after["pass@1"],
-            "before": before["pass@k"],
-            "after": after["pass@k"],
-        }))
+        print(
+            json.dumps(
+                {
+                    "output_dir": cfg.output_dir,
+                    "primary_mode": primary,
+                    "heldout_pass@1_before": before["pass@1"],
+                    "heldout_pass@1_after": after["pass@1"],
+                    "before": before["pass@k"],
+                    "after": after["pass@k"],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

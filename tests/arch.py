@@ -61,7 +61,9 @@ def tiny_causal_lm(
 ) -> PreTrainedModel:
     """A random tiny causal LM (see the module docstring for the init), float32, eval mode."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, vocab_size, hidden_size), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(arch, tied, vocab_size, hidden_size), dtype=torch.float32
+    )
     std = logit_scale / math.sqrt(hidden_size)
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0.0, std)

@@ -27,3 +27,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"offline data folder {SHARED_DATA} is missing")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_base() -> Path:
+    """The tiny base model of recipes/tiny_base.yaml, built once into .cache/tiny_base (and reused by later
+    sessions while the recipe is unchanged: its fingerprint is checked)."""
+    from rl.model import ensure_tiny_base
+
+    path = REPO_ROOT / ".cache" / "tiny_base"
+    ensure_tiny_base(path)
+    return path

@@ -32,18 +32,42 @@ def model_for(arch: str, tied: bool):
     return tiny_causal_lm(arch, tied, vocab_size=96, seed=0)
 
 
-def run(model, cfg: CotConfig, prompts=PROMPTS, *, group_size=1, seed=0, think_end_ids=(THINK_END,), eos_id=EOS,
-        sigma: float | None = None) -> Rollouts:
+def run(
+    model,
+    cfg: CotConfig,
+    prompts=PROMPTS,
+    *,
+    group_size=1,
+    seed=0,
+    think_end_ids=(THINK_END,),
+    eos_id=EOS,
+    sigma: float | None = None,
+) -> Rollouts:
     if sigma is None:
         sigma = noise_sigma(input_embedding_matrix(model), cfg)
-    return generate(model, prompts, cfg, group_size=group_size, sigma=sigma, think_end_ids=think_end_ids,
-                    eos_id=eos_id, pad_id=PAD, generator=torch.Generator().manual_seed(seed))
+    return generate(
+        model,
+        prompts,
+        cfg,
+        group_size=group_size,
+        sigma=sigma,
+        think_end_ids=think_end_ids,
+        eos_id=eos_id,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def greedy(mode: str, **kw) -> CotConfig:
     tau = {"hard": 0.0, "soft": 0.5, "fuzzy": 1e-4}[mode]
-    base = dict(mode=mode, temperature=tau, noise_scale=0.0, max_think_tokens=12, max_answer_tokens=6,
-                answer_temperature=0.0)
+    base = dict(
+        mode=mode,
+        temperature=tau,
+        noise_scale=0.0,
+        max_think_tokens=12,
+        max_answer_tokens=6,
+        answer_temperature=0.0,
+    )
     return CotConfig(**{**base, **kw})
 
 
@@ -74,7 +98,9 @@ def assert_replay_consistent(model, r: Rollouts, cfg: CotConfig, atol: float = 1
             else:
                 expect = rep.cot_log_probs.gather(-1, torch.tensor(s.cot_ids)[:, None]).squeeze(-1)
                 torch.testing.assert_close(torch.tensor(s.cot_logprobs), expect, atol=atol, rtol=1e-5)
-            torch.testing.assert_close(torch.tensor(s.cot_entropy), entropy(rep.cot_log_probs), atol=1e-4, rtol=0)
+            torch.testing.assert_close(
+                torch.tensor(s.cot_entropy), entropy(rep.cot_log_probs), atol=1e-4, rtol=0
+            )
             assert s.cot_top1_ids == rep.cot_log_probs.argmax(-1).tolist()
         ans_lp = answer_log_probs(rep.answer_logits, cfg)  # [A, V]
         ids = torch.tensor(s.answer_ids)
@@ -98,8 +124,14 @@ def test_hard_greedy_cot_equals_hf_generate(arch: str, tied: bool) -> None:
     for i, s in enumerate(r.samples()):
         ids = torch.tensor([s.prompt_ids])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=None, pad_token_id=PAD)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=PAD,
+            )
         assert s.cot_ids == out[0, ids.shape[1] :].tolist(), f"row {i}"
 
 
@@ -133,7 +165,9 @@ def test_kv_cached_soft_equals_recomputation(arch: str, tied: bool) -> None:
     # left-padded batch, so this is also the per-step padding-invariance check for dense soft mixtures.
     model = model_for(arch, tied)
     cfg = greedy("soft", max_think_tokens=8)
-    seen: list[torch.Tensor] = []  # the engine's logits, one [N, 1, V] per forward (prefill keeps only the last)
+    seen: list[
+        torch.Tensor
+    ] = []  # the engine's logits, one [N, 1, V] per forward (prefill keeps only the last)
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o[:, -1].clone()))
     try:
         r = run(model, cfg)
@@ -171,8 +205,14 @@ def test_batch_equals_one_by_one(arch: str, tied: bool, mode: str) -> None:
         for g in range(2):
             row = batch[2 * b + g]
             assert row.prompt_ids == prompt  # the G samples of a prompt are contiguous
-            assert (row.cot_ids, row.answer_ids, row.think_end) == (alone.cot_ids, alone.answer_ids, alone.think_end)
-            torch.testing.assert_close(torch.tensor(row.cot_entropy), torch.tensor(alone.cot_entropy), atol=1e-5, rtol=0)
+            assert (row.cot_ids, row.answer_ids, row.think_end) == (
+                alone.cot_ids,
+                alone.answer_ids,
+                alone.think_end,
+            )
+            torch.testing.assert_close(
+                torch.tensor(row.cot_entropy), torch.tensor(alone.cot_entropy), atol=1e-5, rtol=0
+            )
             if mode == "fuzzy":
                 torch.testing.assert_close(row.cot_inputs, alone.cot_inputs, atol=MU_ATOL, rtol=0)
 
@@ -223,9 +263,17 @@ def test_engine_noise_std_and_independence() -> None:
     [
         CotConfig(mode="soft", temperature=0.5, noise_scale=0.33, max_think_tokens=10, max_answer_tokens=5),
         CotConfig(mode="fuzzy", temperature=1e-4, noise_scale=0.33, max_think_tokens=10, max_answer_tokens=5),
-        CotConfig(mode="hard", temperature=1.0, top_p=0.9, max_think_tokens=10, max_answer_tokens=5,
-                  answer_top_p=0.9),
-        CotConfig(mode="hard", temperature=0.0, max_think_tokens=10, max_answer_tokens=5, answer_temperature=0.0),
+        CotConfig(
+            mode="hard",
+            temperature=1.0,
+            top_p=0.9,
+            max_think_tokens=10,
+            max_answer_tokens=5,
+            answer_top_p=0.9,
+        ),
+        CotConfig(
+            mode="hard", temperature=0.0, max_think_tokens=10, max_answer_tokens=5, answer_temperature=0.0
+        ),
     ],
     ids=["soft", "fuzzy", "hard-sample", "hard-greedy"],
 )
@@ -425,8 +473,18 @@ class _Tok:
 def test_answer_texts_group_layout_and_samples() -> None:
     model = model_for("llama", True)
     cfg = CotConfig(mode="hard", temperature=1.0, max_think_tokens=6, max_answer_tokens=5)
-    r = generate(model, PROMPTS, cfg, group_size=3, sigma=0.0, think_end_ids=(THINK_END,), eos_id=EOS, pad_id=PAD,
-                 generator=torch.Generator().manual_seed(0), tokenizer=_Tok())
+    r = generate(
+        model,
+        PROMPTS,
+        cfg,
+        group_size=3,
+        sigma=0.0,
+        think_end_ids=(THINK_END,),
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+        tokenizer=_Tok(),
+    )
     assert r.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert r.cot_inputs is None and r.sigma == 0.0 and r.temperature == 1.0
     for i, s in enumerate(r.samples()):
@@ -435,8 +493,12 @@ def test_answer_texts_group_layout_and_samples() -> None:
         assert r.answer_texts[i] == s.answer_text == _Tok().decode(sampled, skip_special_tokens=True)
         assert s.prompt_ids == PROMPTS[i // 3]
         # padding past each length is blank
-        assert (r.cot_ids[i, len(s.cot_ids) :] == PAD).all() and (r.answer_ids[i, len(s.answer_ids) :] == PAD).all()
-        assert (r.cot_logprobs[i, len(s.cot_ids) :] == 0).all() and (r.answer_logprobs[i, len(s.answer_ids) :] == 0).all()
+        assert (r.cot_ids[i, len(s.cot_ids) :] == PAD).all() and (
+            r.answer_ids[i, len(s.answer_ids) :] == PAD
+        ).all()
+        assert (r.cot_logprobs[i, len(s.cot_ids) :] == 0).all() and (
+            r.answer_logprobs[i, len(s.answer_ids) :] == 0
+        ).all()
 
 
 def test_bf16_model_keeps_float32_records() -> None:

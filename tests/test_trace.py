@@ -29,8 +29,17 @@ class CharTokenizer:
 def soft_sample():
     model = tiny_causal_lm("llama", False, vocab_size=64, seed=2)
     cfg = CotConfig(mode="soft", temperature=0.5, noise_scale=0.0, max_think_tokens=6, max_answer_tokens=3)
-    r = generate(model, [[3, 4, 5]], cfg, group_size=1, sigma=0.0, think_end_ids=(63, 63), eos_id=1, pad_id=0,
-                 generator=torch.Generator().manual_seed(0))
+    r = generate(
+        model,
+        [[3, 4, 5]],
+        cfg,
+        group_size=1,
+        sigma=0.0,
+        think_end_ids=(63, 63),
+        eos_id=1,
+        pad_id=0,
+        generator=torch.Generator().manual_seed(0),
+    )
     return model, cfg, r.samples()[0]
 
 
@@ -48,7 +57,9 @@ def test_trace_steps_match_the_cot_distribution(soft_sample) -> None:
         probs, ids = torch.topk(log_p[t].exp(), 4)
         assert st.top_ids == ids.tolist()
         assert st.top_ids[0] == s.cot_top1_ids[t]  # the view agrees with the record's top-1
-        torch.testing.assert_close(torch.tensor(st.top_probs), probs, atol=2e-5, rtol=0)  # replay also holds the answer: other kernel shapes
+        torch.testing.assert_close(
+            torch.tensor(st.top_probs), probs, atol=2e-5, rtol=0
+        )  # replay also holds the answer: other kernel shapes
         assert st.top_probs == sorted(st.top_probs, reverse=True) and sum(st.top_probs) <= 1 + 1e-6
         assert st.entropy == pytest.approx(entropy(log_p[t]).item(), abs=1e-5)
         assert st.entropy == pytest.approx(s.cot_entropy[t], abs=1e-4)

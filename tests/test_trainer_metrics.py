@@ -1,0 +1,198 @@
+"""Every per-step metric the trainer logs, on hand-built rollouts whose expected values are derived below,
+plus the global loss normaliser that makes micro-batched / multi-process updates equal the whole batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rewards import Result
+from rl.advantages import AdvantageConfig, compute_advantages
+from rl.logprobs import SequenceLogProbs
+from rl.loss import LossConfig, LossOutput, loss_normalizer, policy_loss
+from rl.trainer import StepStats, loss_stats, noise_ratio, step_stats
+from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
+
+
+def rollouts(d: int = 2) -> Rollouts:
+    """N=4 rollouts, G=2: CoT lengths [2, 1, 3, 0], answer lengths [2, 3, 1, 2] (delimiter included)."""
+    cot_len, ans_len = [2, 1, 3, 0], [2, 3, 1, 2]
+    n, t, a = 4, 3, 3
+    cot_mask = torch.tensor([[i < c for i in range(t)] for c in cot_len])
+    ans_mask = torch.tensor([[i < c for i in range(a)] for c in ans_len])
+    action = ans_mask.clone()
+    action[:, 0] = False  # the first answer token is the forced delimiter
+    entropy = torch.tensor(
+        [[1.0, 2.0, 9.0], [3.0, 9.0, 9.0], [0.5, 0.5, 0.5], [9.0, 9.0, 9.0]]
+    )  # 9 = padding
+    return Rollouts(
+        cot_mode="soft",
+        prompt_ids=torch.ones(n, 2, dtype=torch.long),
+        prompt_mask=torch.ones(n, 2, dtype=torch.bool),
+        group_index=torch.tensor([0, 0, 1, 1]),
+        cot_ids=torch.zeros(n, t, dtype=torch.long),
+        cot_inputs=torch.zeros(n, t, d),
+        cot_top1_ids=torch.zeros(n, t, dtype=torch.long),
+        cot_mask=cot_mask,
+        cot_entropy=entropy,
+        cot_logprobs=torch.zeros(n, t),
+        answer_ids=torch.zeros(n, a, dtype=torch.long),
+        answer_mask=ans_mask,
+        answer_action_mask=action,
+        answer_logprobs=torch.zeros(n, a),
+        think_end=torch.tensor([0, 0, 3, 2]),  # token, token, max_tokens, entropy
+        sigma=0.5,
+        temperature=0.5,
+    )
+
+
+LOSS_STATS = {
+    "noise_ratio": 0.3, "gap_cot": 1e-6, "gap_answer": 2e-7, "clip_fraction": 0.0, "kl_cot": 0.0,
+    "kl_answer": 0.0, "loss": 0.1, "cot_term": 0.07, "answer_term": 0.03, "grad_norm": 1.5,
+    "cot_grad_norm": 1.2, "lr": 1e-4,
+}  # fmt: skip
+
+
+def test_step_stats_derived_by_hand() -> None:
+    r = rollouts()
+    rewards = [1.0, 0.0, None, 1.0]
+    results = [Result(1.0, "ok"), Result(0.0, "wrong"), Result(None, "gold_unparseable"), Result(1.0, "ok")]
+    s = step_stats(
+        r, rewards, results, LOSS_STATS, AdvantageConfig(estimator="rloo"), skipped=False, seconds=2.0
+    )
+    # judged rewards [1, 0, 1]: mean 2/3; population std sqrt(((1/3)^2 * 2 + (2/3)^2) / 3) = sqrt(2/9)
+    assert s.reward_mean == pytest.approx(2 / 3)
+    assert s.reward_std == pytest.approx(math.sqrt(2 / 9))
+    assert s.reward_status == {
+        "ok": 2,
+        "wrong": 1,
+        "no_answer": 0,
+        "timeout": 0,
+        "gold_unparseable": 1,
+        "error": 0,
+    }
+    # RLOO with G=2: group 0 -> [1-0, 0-1] = [1, -1]; group 1 has one judged reward -> advantage 0 (row 2 excluded)
+    # judged advantages [1, -1, 0]: mean 0, population std sqrt(2/3), mean |A| 2/3
+    assert s.adv_mean == pytest.approx(0.0)
+    assert s.adv_std == pytest.approx(math.sqrt(2 / 3))
+    assert s.adv_abs_mean == pytest.approx(2 / 3)
+    # lengths: CoT (2+1+3+0)/4 = 1.5; answer (2+3+1+2)/4 = 2.0
+    assert s.cot_len == pytest.approx(1.5) and s.answer_len == pytest.approx(2.0)
+    # think-end reasons [token, token, max_tokens, entropy] -> fractions 2/4, 0, 1/4, 1/4
+    assert s.think_end == dict(zip(THINK_END_REASONS, [0.5, 0.0, 0.25, 0.25], strict=True))
+    # entropy over the 6 real CoT steps: (1 + 2 + 3 + 0.5 * 3) / 6 = 7.5 / 6 (padding 9s excluded)
+    assert s.cot_entropy == pytest.approx(7.5 / 6)
+    # throughput: (6 CoT steps + 8 answer tokens) / 2 s
+    assert s.tokens_per_s == pytest.approx(7.0) and s.step_time == 2.0
+    # the loss-side statistics pass through unchanged
+    for key, value in LOSS_STATS.items():
+        assert getattr(s, key) == value, key
+    metrics = s.as_metrics()
+    assert metrics["reward_status/gold_unparseable"] == 1.0 and metrics["think_end/max_tokens"] == 0.25
+    assert metrics["skipped"] == 0.0
+    # every StepStats field reaches the log (dicts flattened), none is silently dropped
+    assert len(metrics) == len(StepStats.__dataclass_fields__) - 2 + len(s.reward_status) + len(s.think_end)
+
+
+def _out(clip: float, n_cot: int, n_ans: int, kl_cot: float, kl_ans: float, loss: float) -> LossOutput:
+    t = torch.tensor(loss)
+    return LossOutput(
+        loss=t, cot_loss=t, cot_term=loss / 2, answer_term=loss / 2, clip_fraction=clip, clip_fraction_cot=0.0,
+        clip_fraction_answer=0.0, ratio_cot=1.0, ratio_answer=1.0, kl_cot=kl_cot, kl_answer=kl_ans,
+        logp_cot=0.0, logp_answer=0.0, num_cot_steps=n_cot, num_answer_steps=n_ans,
+    )  # fmt: skip
+
+
+def _scored(
+    h: torch.Tensor, mu: torch.Tensor, behaviour: float, learner: float
+) -> tuple[Rollouts, SequenceLogProbs]:
+    r = rollouts(d=h.shape[-1])
+    r.cot_inputs = h
+    r.cot_logprobs = torch.full_like(r.cot_logprobs, behaviour)
+    r.answer_logprobs = torch.full_like(r.answer_logprobs, behaviour)
+    new = SequenceLogProbs(
+        cot_mode="soft", cot=torch.full_like(r.cot_logprobs, learner), cot_mask=r.cot_mask,
+        answer=torch.full_like(r.answer_logprobs, learner), answer_mask=r.answer_action_mask, mu=mu, sigma=0.5,
+        cot_entropy=torch.zeros_like(r.cot_logprobs), answer_entropy=torch.zeros_like(r.answer_logprobs),
+    )  # fmt: skip
+    return r, new
+
+
+def test_loss_stats_weights_micro_batches_by_their_step_counts() -> None:
+    mu = torch.zeros(4, 3, 2)
+    mu[..., 0] = 2.0  # ‖μ‖ = 2
+    h = mu.clone()
+    h[..., 1] = 1.0  # ‖h - μ‖ = 1 -> noise ratio 1/2 on every step
+    pair = _scored(h, mu, behaviour=-1.0, learner=-1.25)  # |gap| = 0.25 per step of both kinds
+    outs = [
+        _out(0.5, 2, 2, kl_cot=0.1, kl_ans=0.2, loss=0.3),
+        _out(0.0, 6, 2, kl_cot=0.4, kl_ans=0.0, loss=-0.1),
+    ]
+    stats = loss_stats(outs, [pair, pair], grad_norm=3.0, lr=1e-5)
+    # clip fraction: (0.5 * 4 + 0 * 8) / 12 steps
+    assert stats["clip_fraction"] == pytest.approx(2 / 12)
+    # KL means weighted by the step counts of their kind: CoT (0.1*2 + 0.4*6)/8, answer (0.2*2 + 0*2)/4
+    assert stats["kl_cot"] == pytest.approx(2.6 / 8) and stats["kl_answer"] == pytest.approx(0.1)
+    # loss terms add up (each micro-batch was already divided by the global normaliser)
+    assert stats["loss"] == pytest.approx(0.2) and stats["cot_term"] == pytest.approx(0.1)
+    assert stats["gap_cot"] == pytest.approx(0.25) and stats["gap_answer"] == pytest.approx(0.25)
+    assert stats["noise_ratio"] == pytest.approx(0.5)
+    assert (stats["grad_norm"], stats["lr"]) == (3.0, 1e-5)
+
+
+def test_noise_ratio_is_zero_for_hard_cot() -> None:
+    r, new = _scored(torch.zeros(4, 3, 2), torch.ones(4, 3, 2), 0.0, 0.0)
+    new.mu = None
+    assert noise_ratio([(r, new)]) == 0.0
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
+def test_global_normaliser_makes_micro_batches_equal_the_whole_batch(aggregation: str) -> None:
+    """Split a batch in two micro-batches, divide each by the summed normaliser, add the gradients: the result
+    must equal the gradient of the whole batch's loss (what a 1-process, 1-micro-batch run computes)."""
+    torch.manual_seed(0)
+    r = rollouts()
+    cfg = LossConfig(aggregation=aggregation, max_len_norm=7)
+    adv = compute_advantages([1.0, 0.0, 0.0, 1.0], r.group_index, AdvantageConfig(estimator="rloo"))
+    cot = torch.randn(4, 3, requires_grad=True)
+    ans = torch.randn(4, 3, requires_grad=True)
+
+    def lp(rows: slice) -> SequenceLogProbs:
+        part = r.select(rows)
+        return SequenceLogProbs(
+            cot_mode="hard", cot=cot[rows], cot_mask=part.cot_mask, answer=ans[rows],
+            answer_mask=part.answer_action_mask, mu=None, sigma=0.0,
+            cot_entropy=torch.zeros(part.num_rollouts, 3), answer_entropy=torch.zeros(part.num_rollouts, 3),
+        )  # fmt: skip
+
+    whole = policy_loss(lp(slice(0, 4)), adv, cfg).loss
+    g_whole = torch.autograd.grad(whole, [cot, ans])
+    halves = [slice(0, 2), slice(2, 4)]
+    norm = sum(loss_normalizer(r.select(s), adv.select(s), cfg) for s in halves)
+    split = sum(policy_loss(lp(s), adv.select(s), cfg, normalizer=norm).loss for s in halves)
+    g_split = torch.autograd.grad(split, [cot, ans])
+    assert float(split.detach()) == pytest.approx(float(whole.detach()), abs=1e-7)
+    for a, b in zip(g_whole, g_split, strict=True):
+        torch.testing.assert_close(a, b)
+    # the normaliser itself, by hand: action steps per row = CoT + answer actions = [2+1, 1+2, 3+0, 0+1]
+    expected = {"token": 3 + 3 + 3 + 1, "sequence": 4, "constant": 4 * 7}[aggregation]
+    assert loss_normalizer(r, adv, cfg) == expected
+
+
+def test_concat_rollouts_pads_and_offsets_groups() -> None:
+    a, b = rollouts(), rollouts().select(slice(0, 2))
+    b.prompt_ids = torch.ones(2, 4, dtype=torch.long)  # longer prompts: `a` must be left-padded to 4
+    b.prompt_mask = torch.ones(2, 4, dtype=torch.bool)
+    both = concat_rollouts([a, b], pad_id=7)
+    assert both.num_rollouts == 6
+    assert both.group_index.tolist() == [0, 0, 1, 1, 2, 2]  # b's group 0 becomes group 2
+    assert both.prompt_ids[0].tolist() == [7, 7, 1, 1] and both.prompt_mask[0].tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert both.cot_lengths.tolist() == [2, 1, 3, 0, 2, 1]
+    torch.testing.assert_close(both.select(slice(4, 6)).cot_entropy, b.cot_entropy)
