@@ -38,7 +38,7 @@ class ModeSummary:
     reward_status: dict[str, int]
     sigma: float
     seconds: float
-    rollouts_per_s: float
+    rollouts_per_s: float  # generated rollouts per second
 
     def flat(self, prefix: str) -> dict[str, float]:
         """Scalar metrics for logging: `{prefix}/pass@1`, ..."""
@@ -86,7 +86,11 @@ def evaluate_mode(
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], ModeSummary]:
     """Roll out `n` samples of every problem in mode `infer` and score them. Returns one JSON-able row per
-    problem (`uid`, `prompt_ids`, `answer`, `samples`) and the summary."""
+    problem (`uid`, `prompt_ids`, `answer`, `samples`) and the summary.
+
+    A deterministic mode (`infer.deterministic`: greedy CoT and greedy answer) is rolled out once per problem
+    and the sample repeated n times: the n samples would be identical, so every number is unchanged
+    (pass@k = pass@1) at 1/n of the cost."""
     if not problems:
         raise ValueError("evaluate_mode: no problems to evaluate")
     start = time.time()
@@ -99,15 +103,17 @@ def evaluate_mode(
     reasons: Counter[str] = Counter()
     cot_lens: list[int] = []
     answer_lens: list[int] = []
+    generated = 0  # rollouts actually generated (a deterministic mode generates one per problem)
     bar = tqdm(total=len(problems), desc=f"eval {infer.name}", disable=not progress, leave=False)
     for lo in range(0, len(problems), batch_size):
         chunk = problems[lo : lo + batch_size]
         prompt_ids = encode_prompts(tokenizer, [p.question for p in chunk], prompt)
+        drawn = 1 if infer.deterministic else n
         rollouts = generate(
             model,
             prompt_ids,
             infer,
-            group_size=n,
+            group_size=drawn,
             sigma=sigma,
             think_end_ids=think_end_ids,
             eos_id=eos_id,
@@ -115,10 +121,14 @@ def evaluate_mode(
             generator=generator,
             tokenizer=tokenizer,
         )
-        golds = [p.answers for p in chunk for _ in range(n)]
+        generated += rollouts.num_rollouts
+        golds = [p.answers for p in chunk for _ in range(drawn)]
         results = pool.score(rollouts.answer_texts, golds)
-        statuses.extend(results)
         samples = rollouts.samples(tokenizer)
+        if drawn != n:
+            results = [r for r in results for _ in range(n)]
+            samples = [s for s in samples for _ in range(n)]
+        statuses.extend(results)
         for j, problem in enumerate(chunk):
             mine = samples[j * n : (j + 1) * n]
             rows.append(
@@ -159,7 +169,7 @@ def evaluate_mode(
         reward_status=status_counts(statuses),
         sigma=sigma,
         seconds=round(seconds, 2),
-        rollouts_per_s=round(len(cot_lens) / seconds, 2),
+        rollouts_per_s=round(generated / seconds, 2),
     )
     return rows, summary
 

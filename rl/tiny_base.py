@@ -48,10 +48,10 @@ class TinyModelConfig:
 class TinySFTConfig:
     """The SFT loop."""
 
-    steps: int = 700
+    steps: int = 250
     batch_size: int = 32
     lr: float = 3e-3
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
 

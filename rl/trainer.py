@@ -129,7 +129,9 @@ class StepStats:
     cot_term: float
     answer_term: float
     grad_norm: float
-    cot_grad_norm: float  # ‖∇ CoT term‖ (first micro-batch, first iteration), every `diag_every` steps, else NaN
+    cot_grad_norm: (
+        float  # ‖∇ CoT term‖ (first micro-batch, first iteration), every `diag_every` steps, else NaN
+    )
     lr: float
     skipped: bool
     tokens_per_s: float
@@ -331,7 +333,9 @@ class Trainer:
             ref = (
                 [score(self.ref, p).detach() for p in parts] if self.ref is not None else [None] * len(parts)
             )
-        stats: dict[str, float] = {"cot_grad_norm": float("nan")}  # NaN (null in metrics.jsonl) when not measured
+        stats: dict[str, float] = {
+            "cot_grad_norm": float("nan")
+        }  # NaN (null in metrics.jsonl) when not measured
         for iteration in range(rl.num_iterations):
             new_all = []
             total = 0.0
@@ -528,11 +532,16 @@ class Trainer:
         self.state.consumed += self.cfg.trainer.prompts_per_step
         skipped = bool(update_stats["skipped"])
         self.state.skipped_steps += int(skipped)
-        for r in results:
-            self.state.reward_status[r.status] += 1
-        return step_stats(
-            rollouts, rewards, results, update_stats, self.cfg.rl.advantages, skipped, time.time() - start
-        )
+        sample, loss_part = StepSample.of(rollouts, rewards, results), update_stats
+        if self.world > 1:  # metrics describe the global batch, not one process's share
+            samples: list = [None] * self.world
+            losses: list = [None] * self.world
+            dist.all_gather_object(samples, sample)
+            dist.all_gather_object(losses, update_stats)
+            sample, loss_part = StepSample.merge(samples), merge_loss_stats(losses)
+        for status in sample.statuses:
+            self.state.reward_status[status] += 1
+        return step_stats(sample, loss_part, self.cfg.rl.advantages, skipped, time.time() - start)
 
 
 def loss_stats(outs: list, new_all: list, grad_norm: float, lr: float) -> dict[str, float]:
@@ -561,36 +570,76 @@ def loss_stats(outs: list, new_all: list, grad_norm: float, lr: float) -> dict[s
     }
 
 
+@dataclass
+class StepSample:
+    """Per-rollout facts of one step that the metrics need: small enough to gather from every process."""
+
+    rewards: list[float | None]
+    statuses: list[str]
+    group_index: list[int]
+    cot_len: list[int]
+    answer_len: list[int]
+    think_end: list[int]
+    entropy_sum: float  # Σ H(p_t) over real CoT steps
+    entropy_steps: int
+
+    @staticmethod
+    def of(rollouts: Rollouts, rewards: list[float | None], results: list) -> StepSample:
+        return StepSample(
+            rewards=list(rewards),
+            statuses=[r.status for r in results],
+            group_index=rollouts.group_index.tolist(),
+            cot_len=rollouts.cot_lengths.tolist(),
+            answer_len=rollouts.answer_lengths.tolist(),
+            think_end=rollouts.think_end.tolist(),
+            entropy_sum=float(rollouts.cot_entropy[rollouts.cot_mask].sum()),
+            entropy_steps=int(rollouts.cot_mask.sum()),
+        )
+
+    @staticmethod
+    def merge(parts: list[StepSample]) -> StepSample:
+        """One sample of all processes' rollouts (group indices offset so that groups stay distinct)."""
+        merged = StepSample([], [], [], [], [], [], 0.0, 0)
+        for p in parts:
+            offset = max(merged.group_index, default=-1) + 1
+            merged.rewards += p.rewards
+            merged.statuses += p.statuses
+            merged.group_index += [g + offset for g in p.group_index]
+            merged.cot_len += p.cot_len
+            merged.answer_len += p.answer_len
+            merged.think_end += p.think_end
+            merged.entropy_sum += p.entropy_sum
+            merged.entropy_steps += p.entropy_steps
+        return merged
+
+
 def step_stats(
-    rollouts: Rollouts,
-    rewards: list[float | None],
-    results: list,
+    sample: StepSample,
     ls: dict[str, float],
     adv_cfg: AdvantageConfig,
     skipped: bool,
     seconds: float,
 ) -> StepStats:
-    """The metrics of one step from its rollouts, rewards, reward verdicts and loss statistics `ls`."""
-    from rewards import status_counts
-
-    judged = torch.tensor([r for r in rewards if r is not None], dtype=torch.float32)
-    adv = compute_advantages(rewards, rollouts.group_index, adv_cfg)
+    """The metrics of one step from its (global) rollout facts and loss statistics `ls`."""
+    judged = torch.tensor([r for r in sample.rewards if r is not None], dtype=torch.float32)
+    adv = compute_advantages(sample.rewards, torch.tensor(sample.group_index), adv_cfg)
     adv_vals = adv.values[adv.mask]
-    cot_len = rollouts.cot_lengths.float()
-    ans_len = rollouts.answer_lengths.float()
-    reasons = torch.bincount(rollouts.think_end.cpu(), minlength=len(THINK_END_REASONS)).float()
+    cot_len = torch.tensor(sample.cot_len, dtype=torch.float32)
+    ans_len = torch.tensor(sample.answer_len, dtype=torch.float32)
+    n = len(sample.rewards)
+    reasons = torch.bincount(torch.tensor(sample.think_end), minlength=len(THINK_END_REASONS)).float()
     tokens = float(cot_len.sum() + ans_len.sum())
     return StepStats(
         reward_mean=float(judged.mean()) if judged.numel() else float("nan"),
         reward_std=float(judged.std(unbiased=False)) if judged.numel() else float("nan"),
-        reward_status=status_counts(results),
+        reward_status={s: sample.statuses.count(s) for s in STATUSES},
         adv_mean=float(adv_vals.mean()) if adv_vals.numel() else 0.0,
         adv_std=float(adv_vals.std(unbiased=False)) if adv_vals.numel() else 0.0,
         adv_abs_mean=float(adv_vals.abs().mean()) if adv_vals.numel() else 0.0,
         cot_len=float(cot_len.mean()),
         answer_len=float(ans_len.mean()),
-        think_end={r: float(reasons[i] / rollouts.num_rollouts) for i, r in enumerate(THINK_END_REASONS)},
-        cot_entropy=masked_mean(rollouts.cot_entropy, rollouts.cot_mask),
+        think_end={r: float(reasons[i] / n) for i, r in enumerate(THINK_END_REASONS)},
+        cot_entropy=sample.entropy_sum / sample.entropy_steps if sample.entropy_steps else 0.0,
         noise_ratio=ls["noise_ratio"],
         gap_cot=ls["gap_cot"],
         gap_answer=ls["gap_answer"],
@@ -607,6 +656,26 @@ def step_stats(
         tokens_per_s=tokens / seconds,
         step_time=seconds,
     )
+
+
+def merge_loss_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Loss statistics of all processes: the loss terms add up (each process's part of the global objective);
+    grad norm, lr and the skip flag are already global; per-step means are averaged (equal shares per process).
+
+    >>> merge_loss_stats([{"loss": 1.0, "gap_cot": 0.2, "lr": 0.1}, {"loss": 2.0, "gap_cot": 0.4, "lr": 0.1}])
+    {'loss': 3.0, 'gap_cot': 0.30000000000000004, 'lr': 0.1}
+    """
+    summed, shared = ("loss", "cot_term", "answer_term"), ("grad_norm", "lr", "skipped")
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key in summed:
+            out[key] = sum(values)
+        elif key in shared:
+            out[key] = values[0]
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def noise_ratio(scored: list[tuple[Rollouts, Any]]) -> float:

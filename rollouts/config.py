@@ -68,6 +68,19 @@ class CotConfig:
             )
 
     @property
+    def deterministic(self) -> bool:
+        """True when a rollout is a function of the prompt alone (greedy hard CoT or noiseless soft / fuzzy CoT,
+        and a greedy answer): n samples of a prompt are then n copies of one.
+
+        >>> CotConfig(mode="hard", temperature=0.0, answer_temperature=0.0).deterministic
+        True
+        >>> CotConfig(mode="soft", noise_scale=0.33, answer_temperature=0.0).deterministic
+        False
+        """
+        cot_greedy = self.temperature == 0 if self.mode == "hard" else self.noise_scale == 0
+        return cot_greedy and self.answer_temperature == 0
+
+    @property
     def continuous(self) -> bool:
         """True when CoT inputs are vectors (soft, fuzzy) rather than token ids."""
         return self.mode != "hard"

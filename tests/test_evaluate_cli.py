@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/evaluate.py", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "scripts/evaluate.py", *args], cwd=REPO, capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize("mode", ["soft_sample", "hard_greedy"])
@@ -32,7 +34,9 @@ def test_evaluate_writes_samples_summary_and_plot(tiny_base: Path, tmp_path: Pat
         for s in row["samples"]:
             assert set(s) >= {"cot_top1_ids", "answer_ids", "text", "reward", "think_end"}
             assert s["text"] == tok.decode(s["cot_top1_ids"] + s["answer_ids"])
-            assert s["answer_ids"][0] == tok.convert_tokens_to_ids("</think>")  # the answer phase opens with it
+            assert s["answer_ids"][0] == tok.convert_tokens_to_ids(
+                "</think>"
+            )  # the answer phase opens with it
             assert s["reward"] in (0.0, 1.0)
     summary = json.loads((out / "summary.json").read_text())
     # pass@k for every power of two k <= n, by the unbiased estimator over the rows' rewards

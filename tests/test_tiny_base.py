@@ -34,7 +34,9 @@ def test_special_tokens_are_single_tokens_and_the_template_renders() -> None:
     tok = build_char_tokenizer()
     assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    text = tok.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<s>Q: 1+1?\nA: "
 
 
@@ -44,7 +46,12 @@ def test_synthetic_splits_are_disjoint_deterministic_and_correct() -> None:
     assert len(train) == 2000 and len(test) == 300
     assert not {e.question for e in train} & {e.question for e in test}
     assert make_examples(cfg, "test") == test  # same seed, same problems
-    assert make_examples(SyntheticConfig(num_train=10, num_test=300, max_steps=3, max_digits=2, ops="+-x"), "test") == test
+    assert (
+        make_examples(
+            SyntheticConfig(num_train=10, num_test=300, max_steps=3, max_digits=2, ops="+-x"), "test"
+        )
+        == test
+    )
     for ex in train + test:
         value = None
         for step in ex.steps:  # every step is a true equation that continues from the previous result

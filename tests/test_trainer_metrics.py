@@ -12,7 +12,7 @@ from rewards import Result
 from rl.advantages import AdvantageConfig, compute_advantages
 from rl.logprobs import SequenceLogProbs
 from rl.loss import LossConfig, LossOutput, loss_normalizer, policy_loss
-from rl.trainer import StepStats, loss_stats, noise_ratio, step_stats
+from rl.trainer import StepSample, StepStats, loss_stats, noise_ratio, step_stats
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
 
@@ -59,9 +59,8 @@ def test_step_stats_derived_by_hand() -> None:
     r = rollouts()
     rewards = [1.0, 0.0, None, 1.0]
     results = [Result(1.0, "ok"), Result(0.0, "wrong"), Result(None, "gold_unparseable"), Result(1.0, "ok")]
-    s = step_stats(
-        r, rewards, results, LOSS_STATS, AdvantageConfig(estimator="rloo"), skipped=False, seconds=2.0
-    )
+    sample = StepSample.of(r, rewards, results)
+    s = step_stats(sample, LOSS_STATS, AdvantageConfig(estimator="rloo"), skipped=False, seconds=2.0)
     # judged rewards [1, 0, 1]: mean 2/3; population std sqrt(((1/3)^2 * 2 + (2/3)^2) / 3) = sqrt(2/9)
     assert s.reward_mean == pytest.approx(2 / 3)
     assert s.reward_std == pytest.approx(math.sqrt(2 / 9))
@@ -94,6 +93,22 @@ def test_step_stats_derived_by_hand() -> None:
     assert metrics["skipped"] == 0.0
     # every StepStats field reaches the log (dicts flattened), none is silently dropped
     assert len(metrics) == len(StepStats.__dataclass_fields__) - 2 + len(s.reward_status) + len(s.think_end)
+
+
+def test_merged_process_samples_give_the_whole_batch_metrics() -> None:
+    """Two processes' halves, merged, give exactly the metrics of the whole batch on one process."""
+    r = rollouts()
+    rewards = [1.0, 0.0, None, 1.0]
+    results = [Result(1.0, "ok"), Result(0.0, "wrong"), Result(None, "gold_unparseable"), Result(1.0, "ok")]
+    whole = StepSample.of(r, rewards, results)
+    halves = [StepSample.of(r.select(s), rewards[s], results[s]) for s in (slice(0, 2), slice(2, 4))]
+    halves[1].group_index = [0, 0]  # a second process numbers its own groups from 0, as the engine does
+    merged = StepSample.merge(halves)
+    assert merged.group_index == [0, 0, 1, 1]  # merging offsets them back to distinct groups
+    cfg = AdvantageConfig(estimator="rloo")
+    a = step_stats(whole, LOSS_STATS, cfg, False, 1.0).as_metrics()
+    b = step_stats(merged, LOSS_STATS, cfg, False, 1.0).as_metrics()
+    assert a == pytest.approx(b)
 
 
 def _out(clip: float, n_cot: int, n_ans: int, kl_cot: float, kl_ans: float, loss: float) -> LossOutput:
