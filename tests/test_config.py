@@ -68,8 +68,8 @@ def test_per_model_experiment_defaults_match_a_model_and_validate() -> None:
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
         tiny = to_object(compose(config_name="train"), TrainConfig)
         big = to_object(compose(config_name="train", overrides=["model=qwen2.5-3b"]), TrainConfig)
-    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 2e-4
-    assert tiny.rl.optim.lr == 2.0e-4 and big.rl.optim.lr == 1.0e-6
+    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 5e-5
+    assert tiny.rl.optim.lr == 5.0e-5 and big.rl.optim.lr == 1.0e-6
     assert big.cot.max_think_tokens == 512 and tiny.cot.max_think_tokens == 48
 
 
