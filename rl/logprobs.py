@@ -52,9 +52,13 @@ from rollouts.record import Rollouts
 
 @dataclass
 class LogProbConfig:
-    """`chunk_size`: scored positions per output-head chunk (0 = dense reference path: all at once)."""
+    """`chunk_size`: scored positions per output-head chunk (0 = dense reference path: all at once).
+    `mean_grad_through_embedding`: whether a soft / fuzzy step's gradient reaches E through μ = p E (the
+    paper's objective, default). False detaches that factor, so the Gaussian term trains the policy only
+    through the logits (an experimental departure; a tied output head still gets its logit gradient)."""
 
     chunk_size: int = 512
+    mean_grad_through_embedding: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 0:
@@ -195,7 +199,8 @@ def sequence_log_probs(
     mu_out: torch.Tensor | None = None
     if continuous:
         assert h_all is not None
-        emb_weight = input_embedding_matrix(model, detach=False)  # [V, d]: μ's gradient reaches E here
+        # [V, d]: μ's gradient reaches E here unless the config detaches it
+        emb_weight = input_embedding_matrix(model, detach=not cfg.mean_grad_through_embedding)
 
         def soft_chunk(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
             logp = cot_log_probs(logits_of(x), cot)  # [M, V] float32

@@ -440,3 +440,30 @@ def test_rejects_mismatched_config_and_bad_masks() -> None:
     r.cot_mask = torch.tensor([[False, True]])
     with pytest.raises(ValueError, match="cot_mask must be right-padded"):
         sequence_log_probs(model, r, COT_CONFIGS["soft"])
+
+
+def test_detaching_the_mean_from_the_embedding_changes_only_that_gradient_path() -> None:
+    # Same values either way; with the flag off, E's gradient loses exactly the μ = p E path, which for a sum of
+    # Gaussian log-probs is Σ_t p_t ⊗ (h_t - μ_t) / σ² (∂ log N / ∂μ = (h - μ) / σ², ∂μ / ∂E = p_t ⊗ I).
+    torch.manual_seed(0)
+    model = tiny_model(tied=False)
+    cot = COT_CONFIGS["soft"]
+    r = make_rollouts(model, cot, prompt_lens=[3, 2], cot_lens=[2, 3], answer_lens=[3, 4])
+    emb = model.get_input_embeddings().weight
+    grads, values = [], []
+    for through in (True, False):
+        model.zero_grad()
+        lp = sequence_log_probs(model, r, cot, LogProbConfig(mean_grad_through_embedding=through))
+        lp.cot[r.cot_mask].sum().backward()
+        grads.append(emb.grad.clone())
+        values.append(lp)
+    torch.testing.assert_close(values[0].cot, values[1].cot)
+    mu = values[0].mu.detach()[r.cot_mask]  # [M, d]
+    h = r.cot_inputs[r.cot_mask]  # [M, d]
+    # p_t recomputed by the uncached teacher-forced replay of each sample (rows in mask order)
+    from rollouts.replay import replay
+
+    with torch.no_grad():
+        p = torch.cat([replay(model, s, cot).cot_log_probs.exp() for s in r.samples()])  # [M, V]
+    expected = p.T @ ((h - mu) / r.sigma**2)  # [V, d]
+    torch.testing.assert_close(grads[0] - grads[1], expected, rtol=1e-3, atol=1e-4)
