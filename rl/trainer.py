@@ -570,6 +570,13 @@ def loss_stats(outs: list, new_all: list, grad_norm: float, lr: float) -> dict[s
     }
 
 
+LOSS_FIELDS = (
+    "noise_ratio", "gap_cot", "gap_answer", "clip_fraction", "kl_cot", "kl_answer", "loss", "cot_term",
+    "answer_term", "grad_norm", "cot_grad_norm", "lr",
+)  # fmt: skip
+"""StepStats fields that come straight from the update's loss statistics."""
+
+
 @dataclass
 class StepSample:
     """Per-rollout facts of one step that the metrics need: small enough to gather from every process."""
@@ -640,18 +647,7 @@ def step_stats(
         answer_len=float(ans_len.mean()),
         think_end={r: float(reasons[i] / n) for i, r in enumerate(THINK_END_REASONS)},
         cot_entropy=sample.entropy_sum / sample.entropy_steps if sample.entropy_steps else 0.0,
-        noise_ratio=ls["noise_ratio"],
-        gap_cot=ls["gap_cot"],
-        gap_answer=ls["gap_answer"],
-        clip_fraction=ls["clip_fraction"],
-        kl_cot=ls["kl_cot"],
-        kl_answer=ls["kl_answer"],
-        loss=ls["loss"],
-        cot_term=ls["cot_term"],
-        answer_term=ls["answer_term"],
-        grad_norm=ls["grad_norm"],
-        cot_grad_norm=ls["cot_grad_norm"],
-        lr=ls["lr"],
+        **{name: ls[name] for name in LOSS_FIELDS},
         skipped=skipped,
         tokens_per_s=tokens / seconds,
         step_time=seconds,
