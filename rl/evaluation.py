@@ -123,11 +123,13 @@ def evaluate_mode(
         )
         generated += rollouts.num_rollouts
         golds = [p.answers for p in chunk for _ in range(drawn)]
-        results = pool.score(rollouts.answer_texts, golds)
+        texts = rollouts.completion_texts(tokenizer)  # the same strings the trainer's reward judges
+        results = pool.score(texts, golds)
         samples = rollouts.samples(tokenizer)
         if drawn != n:
             results = [r for r in results for _ in range(n)]
             samples = [s for s in samples for _ in range(n)]
+            texts = [t for t in texts for _ in range(n)]
         statuses.extend(results)
         for j, problem in enumerate(chunk):
             mine = samples[j * n : (j + 1) * n]
@@ -140,12 +142,14 @@ def evaluate_mode(
                         {
                             "cot_top1_ids": s.cot_top1_ids,
                             "answer_ids": s.answer_ids,
-                            "text": tokenizer.decode(s.cot_top1_ids + s.answer_ids),
+                            "text": text,
                             "reward": r.reward,
                             "status": r.status,
                             "think_end": s.think_end,
                         }
-                        for s, r in zip(mine, results[j * n : (j + 1) * n], strict=True)
+                        for s, r, text in zip(
+                            mine, results[j * n : (j + 1) * n], texts[j * n : (j + 1) * n], strict=True
+                        )
                     ],
                 }
             )

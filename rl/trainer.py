@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from rewards import STATUSES, RewardPool, format_reward
+from rewards import STATUSES, RewardPool, combine_rewards, format_reward
 from rl.advantages import AdvantageConfig, compute_advantages
 from rl.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from rl.data import Problem, load_problems
@@ -173,13 +173,6 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     return out
 
 
-def completion_texts(rollouts: Rollouts, tokenizer: Any) -> list[str]:
-    """Decoded top-1 CoT stream + answer tokens per rollout (what the reward and the trace view read)."""
-    cot = rollouts.cot_top1_ids.masked_fill(~rollouts.cot_mask, -1).tolist()
-    ans = rollouts.answer_ids.masked_fill(~rollouts.answer_mask, -1).tolist()
-    return [tokenizer.decode([t for t in c + a if t >= 0]) for c, a in zip(cot, ans, strict=True)]
-
-
 class Trainer:
     """Holds the run's model, optimizer and state; `run()` trains and writes summary.json."""
 
@@ -278,15 +271,14 @@ class Trainer:
     def rewards(
         self, rollouts: Rollouts, problems: list[Problem], pool: RewardPool
     ) -> tuple[list[float | None], list]:
-        texts = completion_texts(rollouts, self.tokenizer)
+        texts = rollouts.completion_texts(self.tokenizer)
         golds = [p.answers for p in problems for _ in range(self.cfg.rl.group_size)]
         results = pool.score(texts, golds)
         correctness = [r.reward for r in results]
-        weight = self.cfg.reward.format_weight
-        if weight == 0:
+        if self.cfg.reward.format_weight == 0:
             return correctness, results
         fmt = format_reward(texts, golds, self.cfg.reward)
-        return [None if c is None else c + weight * f for c, f in zip(correctness, fmt, strict=True)], results
+        return combine_rewards([correctness, fmt], [1.0, self.cfg.reward.format_weight]), results
 
     def _all_sum(self, value: float) -> float:
         if self.world == 1:
@@ -358,7 +350,7 @@ class Trainer:
             result = clip_and_step(self.model.parameters(), self.opt, None, total, rl.optim.grad_clip)
             stats["skipped"] = stats.get("skipped", 0.0) + float(result.skipped)
             if iteration == 0:
-                stats.update(self._loss_stats(outs, new_all, result))
+                stats.update(loss_stats(outs, new_all, result.grad_norm, result.lr))
         self.sched.step()
         return stats
 
@@ -374,10 +366,6 @@ class Trainer:
             return 0.0
         grads = torch.autograd.grad(out.cot_loss, params, retain_graph=True, allow_unused=True)
         return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
-
-    @staticmethod
-    def _loss_stats(outs: list, new_all: list, result: Any) -> dict[str, float]:
-        return loss_stats(outs, new_all, result.grad_norm, result.lr)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, ModeSummary]:
@@ -686,13 +674,3 @@ def noise_ratio(scored: list[tuple[Rollouts, Any]]) -> float:
         num += float(ratio[new.cot_mask].sum())
         count += int(new.cot_mask.sum())
     return num / count if count else 0.0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of `x` over `mask` (0.0 when empty).
-
-    >>> masked_mean(torch.tensor([[1.0, 5.0], [3.0, 9.0]]), torch.tensor([[True, False], [True, False]]))
-    2.0
-    """
-    count = int(mask.sum())
-    return float(x[mask].sum() / count) if count else 0.0

@@ -128,6 +128,13 @@ class Rollouts:
             )
         return out
 
+    def completion_texts(self, tokenizer) -> list[str]:
+        """Per rollout, the decoded top-1 CoT stream followed by every answer token (delimiter and EOS
+        included): what the reward judges and what evaluation writes as `text`."""
+        cot = self.cot_top1_ids.masked_fill(~self.cot_mask, -1).tolist()
+        ans = self.answer_ids.masked_fill(~self.answer_mask, -1).tolist()
+        return [tokenizer.decode([t for t in c + a if t >= 0]) for c, a in zip(cot, ans, strict=True)]
+
     def select(self, rows: slice) -> Rollouts:
         """The rollouts in `rows` (a contiguous slice; group indices are kept as they are)."""
 
