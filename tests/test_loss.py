@@ -113,6 +113,32 @@ def test_aggregation_modes_and_cot_weight(aggregation: str, loss: float, cot_ter
     assert out.answer_term == pytest.approx(loss - cot_term, abs=1e-7)
 
 
+@pytest.mark.parametrize(
+    "gaussian,gaussian_weight,cot_term",
+    [
+        # hard CoT: gaussian_weight is ignored, the CoT weight is cot_weight = 2: CoT part (-4 + 2)/5 = -0.4
+        (False, 0.5, -0.4),
+        # soft CoT: weight 2 · 0.5 = 1. Per-step CoT losses -1, -1 (row 0, A = 1) and +1 (row 1): (-2 + 1)/5
+        (True, 0.5, -0.2),
+        # soft CoT with gaussian_weight 0: no CoT contribution, the steps still count in the denominator
+        (True, 0.0, 0.0),
+    ],
+)
+def test_gaussian_weight_scales_only_gaussian_cot_steps(
+    gaussian: bool, gaussian_weight: float, cot_term: float
+) -> None:
+    mu = torch.zeros(2, 2, 3) if gaussian else None  # any μ marks the rollouts as Gaussian (soft / fuzzy)
+    lp = seq_lp(COT, ANSWER, mu=mu, sigma=0.1 if gaussian else 0.0)
+    out = policy_loss(lp, adv([1.0, -1.0]), LossConfig(cot_weight=2.0, gaussian_weight=gaussian_weight))
+    # answer part: row 0 -1, row 1 +1 over D = 5 steps -> 0, whatever the CoT weight
+    assert out.cot_term == pytest.approx(cot_term, abs=1e-7)
+    assert out.answer_term == pytest.approx(0.0, abs=1e-7)
+    out.loss.backward()
+    weight = 2.0 * (gaussian_weight if gaussian else 1.0)
+    torch.testing.assert_close(lp.cot.grad, weight * torch.tensor([[-1.0, -1.0], [1.0, 0.0]]) / 5)
+    torch.testing.assert_close(lp.answer.grad, torch.tensor([[-1.0], [1.0]]) / 5)
+
+
 def test_clipping_zeroes_the_clipped_branch_gradient_and_is_counted() -> None:
     # eps_low = 0.1, eps_high = 0.3: band [0.9, 1.3]. One answer step per ratio; row 0 A = +1, row 1 A = -1.
     #   A=+1, r=1.25: in band            -> loss -1.25, ∂/∂lp = -A·r = -1.25

@@ -1,0 +1,85 @@
+"""Gradient signal-to-noise of the CoT term and the answer term of the learner objective.
+
+    python scripts/grad_snr.py cot=soft --batches 6
+    python scripts/grad_snr.py cot=hard --batches 6 --prompts 16
+
+Draws `--batches` independent rollout batches on the SAME `--prompts` training problems (only the sampling seed
+differs), and for each computes the gradient of the CoT term and of the answer term separately. For each term it
+prints the mean per-batch gradient norm and the mean pairwise cosine between batches: cos ≈ SNR / (1 + SNR)
+with SNR = ‖E g‖² / E‖g - E g‖², so a cosine near 0 means one batch's gradient is almost all noise.
+The remaining arguments are Hydra overrides of recipes/train.yaml.
+"""
+
+import argparse
+import itertools
+import math
+
+import _bootstrap  # noqa: F401
+import torch
+from omegaconf import OmegaConf
+
+from rewards.pool import RewardPool
+from rl.advantages import compute_advantages
+from rl.config import TrainConfig, compose, register_configs, to_object
+from rl.logprobs import sequence_log_probs
+from rl.loss import policy_loss
+from rl.trainer import Trainer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    register_configs()
+    raw = compose("train", [*args.overrides, "output_dir=/tmp/grad_snr", "trainer.resume=never"])
+    cfg = to_object(raw, TrainConfig)
+    trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads: dict[str, list[torch.Tensor]] = {"cot": [], "answer": []}
+    with RewardPool(cfg.reward) as pool:
+        for b in range(args.batches):
+            trainer.state.consumed = 0  # same prompts every batch
+            cfg.trainer.prompts_per_step = args.prompts
+            rollouts, problems = trainer.rollout(step=1000 + b)
+            rewards, _ = trainer.rewards(rollouts, problems, pool)
+            adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
+            new = sequence_log_probs(
+                trainer.model,
+                rollouts,
+                cfg.cot,
+                cfg.rl.logprobs,
+                answer_temperature=cfg.cot.answer_temperature,
+                answer_top_p=cfg.cot.answer_top_p,
+            )
+            out = policy_loss(new, adv, cfg.rl.loss)
+            for name, term in (("cot", out.cot_loss), ("answer", out.loss - out.cot_loss)):
+                g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                grads[name].append(
+                    torch.cat(
+                        [(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params, strict=True)]
+                    )
+                )
+            r = [x for x in rewards if x is not None]
+            print(f"batch {b}: reward mean {sum(r) / max(len(r), 1):.3f}", flush=True)
+    print(
+        f"mode={cfg.cot.mode} sigma={trainer.state.sigma:.4g} batches={args.batches} prompts={args.prompts}"
+    )
+    for name, gs in grads.items():
+        norms = [float(g.norm()) for g in gs]
+        cos = [
+            float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+            for a, b in itertools.combinations(gs, 2)
+        ]
+        mean = torch.stack(gs).mean(0)
+        noise = sum(float((g - mean).pow(2).sum()) for g in gs) / max(len(gs) - 1, 1)
+        signal = max(float(mean.pow(2).sum()) - noise / len(gs), 0.0)
+        print(
+            f"{name:>6}: |g| {sum(norms) / len(norms):.4g}  pairwise cos {sum(cos) / len(cos):+.4f}  "
+            f"SNR {signal / noise if noise else math.inf:.4g}"
+        )
+
+
+if __name__ == "__main__":
+    main()
