@@ -22,7 +22,7 @@ import random
 import signal
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +129,7 @@ class StepStats:
     cot_term: float
     answer_term: float
     grad_norm: float
-    cot_grad_norm: (
-        float  # ‖∇ CoT term‖ (first micro-batch, first iteration), every `diag_every` steps, else NaN
-    )
+    cot_grad_norm: float  # ‖∇ unweighted CoT term‖ (first micro-batch, first iteration), every `diag_every` steps, else NaN
     lr: float
     skipped: bool
     tokens_per_s: float
@@ -359,8 +357,10 @@ class Trainer:
         return bool(every) and self.state.step % every == 0
 
     def _cot_grad_norm(self, new: Any, adv: Any, old: Any, ref: Any, norm: float) -> float:
-        """‖∇ CoT term‖ alone: how hard the Gaussian (or hard-CoT) term pushes, for diagnosing soft training."""
-        out = policy_loss(new, adv, self.cfg.rl.loss, old=old, ref=ref, normalizer=norm)
+        """‖∇ CoT term‖ alone, UNWEIGHTED (cot_weight = gaussian_weight = 1): how hard the Gaussian (or hard-CoT)
+        term would push, also when the recipe switches it off, for diagnosing soft training."""
+        unweighted = replace(self.cfg.rl.loss, cot_weight=1.0, gaussian_weight=1.0)
+        out = policy_loss(new, adv, unweighted, old=old, ref=ref, normalizer=norm)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not out.cot_loss.requires_grad:
             return 0.0

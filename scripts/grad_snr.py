@@ -5,14 +5,13 @@
 
 Draws `--batches` independent rollout batches on the SAME `--prompts` training problems (only the sampling seed
 differs), and for each computes the gradient of the CoT term and of the answer term separately. For each term it
-prints the mean per-batch gradient norm and the mean pairwise cosine between batches: cos ≈ SNR / (1 + SNR)
-with SNR = ‖E g‖² / E‖g - E g‖², so a cosine near 0 means one batch's gradient is almost all noise.
+prints the mean per-batch gradient norm, the mean pairwise cosine between batches and SNR = ‖E g‖² / E‖g - E g‖²
+(`rl.diagnostics`): a cosine near 0 means one batch's gradient is almost all noise. The terms are taken
+unweighted (cot_weight = gaussian_weight = 1), so the tiny recipe's switched-off Gaussian term is measured too.
 The remaining arguments are Hydra overrides of recipes/train.yaml.
 """
 
 import argparse
-import itertools
-import math
 
 import _bootstrap  # noqa: F401
 import torch
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, register_configs, to_object
+from rl.diagnostics import gradient_agreement
 from rl.logprobs import sequence_log_probs
 from rl.loss import policy_loss
 from rl.trainer import Trainer
@@ -33,7 +33,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     register_configs()
-    raw = compose("train", [*args.overrides, "output_dir=/tmp/grad_snr", "trainer.resume=never"])
+    raw = compose(
+        "train",
+        [
+            *args.overrides,
+            "output_dir=/tmp/grad_snr",
+            "trainer.resume=never",
+            "rl.loss.gaussian_weight=1",
+            "rl.loss.cot_weight=1",
+        ],
+    )
     cfg = to_object(raw, TrainConfig)
     trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -58,7 +67,10 @@ def main() -> None:
                 g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
                 grads[name].append(
                     torch.cat(
-                        [(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params, strict=True)]
+                        [
+                            (x if x is not None else torch.zeros_like(p)).reshape(-1)
+                            for x, p in zip(g, params, strict=True)
+                        ]
                     )
                 )
             r = [x for x in rewards if x is not None]
@@ -67,18 +79,8 @@ def main() -> None:
         f"mode={cfg.cot.mode} sigma={trainer.state.sigma:.4g} batches={args.batches} prompts={args.prompts}"
     )
     for name, gs in grads.items():
-        norms = [float(g.norm()) for g in gs]
-        cos = [
-            float(torch.nn.functional.cosine_similarity(a, b, dim=0))
-            for a, b in itertools.combinations(gs, 2)
-        ]
-        mean = torch.stack(gs).mean(0)
-        noise = sum(float((g - mean).pow(2).sum()) for g in gs) / max(len(gs) - 1, 1)
-        signal = max(float(mean.pow(2).sum()) - noise / len(gs), 0.0)
-        print(
-            f"{name:>6}: |g| {sum(norms) / len(norms):.4g}  pairwise cos {sum(cos) / len(cos):+.4f}  "
-            f"SNR {signal / noise if noise else math.inf:.4g}"
-        )
+        r = gradient_agreement(gs)
+        print(f"{name:>6}: |g| {r.mean_norm:.4g}  pairwise cos {r.mean_cosine:+.4f}  SNR {r.snr:.4g}")
 
 
 if __name__ == "__main__":

@@ -211,3 +211,27 @@ def test_concat_rollouts_pads_and_offsets_groups() -> None:
     ]
     assert both.cot_lengths.tolist() == [2, 1, 3, 0, 2, 1]
     torch.testing.assert_close(both.select(slice(4, 6)).cot_entropy, b.cot_entropy)
+
+
+def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) -> None:
+    """`cot_grad_norm` = ‖∇_θ (-Σ_{CoT steps} A_i · log π_θ(step)) / D‖ with ratio 1 (one PPO iteration): the
+    CoT surrogate -A·ratio has gradient -A·∇log π at ratio 1. It ignores cot_weight / gaussian_weight (here 0),
+    so it shows what the switched-off Gaussian term would do."""
+    from rl.logprobs import sequence_log_probs
+    from tests.test_trainer import make_trainer, small_run
+
+    trainer = make_trainer(small_run(tiny_base, tmp_path, "cot=soft", "rl.loss.gaussian_weight=0"))
+    rollouts, _ = trainer.rollout(0)
+    adv = compute_advantages(
+        [1.0, 0.0, 0.0, 1.0] * 4, rollouts.group_index, AdvantageConfig(estimator="rloo")
+    )
+    new = sequence_log_probs(trainer.model, rollouts, trainer.cfg.cot, trainer.cfg.rl.logprobs)
+    norm = loss_normalizer(rollouts, adv, trainer.cfg.rl.loss)
+    got = trainer._cot_grad_norm(new, adv, None, None, norm)
+    mask = new.cot_mask & adv.mask[:, None]
+    manual = -(adv.values[:, None] * torch.where(mask, new.cot, 0.0)).sum() / norm
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(manual, params, allow_unused=True)
+    expected = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
+    assert expected > 0
+    assert got == pytest.approx(expected, rel=1e-5)
