@@ -4,6 +4,10 @@ by `resume=auto`.
 A checkpoint directory `checkpoints/step_000040/` holds the policy (`save_pretrained`, so any checkpoint also
 deploys with ordinary tools) and `trainer_state.pt`: optimizer, scheduler, every RNG, the data position, σ
 and the counters. A directory still named `*.tmp` was interrupted mid-write and is ignored.
+
+Under fsdp2 sharding (`rl.sharding`) the trainer gathers whole model and optimizer state dicts first and passes
+them in; the optimizer state is then keyed by parameter name (`optimizer_format: "full"`) instead of by index
+(`"plain"`), and a checkpoint resumes only under the sharding that wrote it (the error says so).
 """
 
 from __future__ import annotations
@@ -66,18 +70,22 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     keep_last: int,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints."""
+    """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints.
+    `model_state` / `optimizer_state`: whole state dicts gathered from a sharded model (None: read them here)."""
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
+    model.save_pretrained(tmp / "model", state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "optimizer_format": "plain" if optimizer_state is None else "full",
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "state": asdict(state),
@@ -92,24 +100,44 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state."""
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, sharded: bool = False
+) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state.
+    `sharded`: the model's decoder layers are fsdp2-sharded (collective: every process calls it)."""
     from safetensors.torch import load_file
+
+    from rl.sharding import load_full_state_dicts
 
     weights = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
         weights.update(load_file(shard))
     if not weights:
         raise FileNotFoundError(f"checkpoint {path} has no model/*.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    blob = torch.load(path / "trainer_state.pt", weights_only=False)
+    written = blob.get("optimizer_format", "plain")
+    if written != ("full" if sharded else "plain"):
+        raise ValueError(
+            f"checkpoint {path} was written with {'fsdp2' if written == 'full' else 'no'} sharding; resume it "
+            f"under the same sharding (this run: {'fsdp2' if sharded else 'none'})"
+        )
+    if sharded:
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(weights))
+        unexpected = sorted(set(weights) - expected)
+        load_full_state_dicts(
+            model, optimizer, {k: v for k, v in weights.items() if k in expected}, blob["optimizer"]
+        )
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     # tied embeddings are saved once; any other mismatch means a different architecture
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    blob = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if not sharded:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return TrainState(**blob["state"])

@@ -60,8 +60,11 @@ class StepResult:
     lr: float  # learning rate used (of the first parameter group), before the scheduler advanced
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on ndim < 2 parameters (norms, biases)."""
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, foreach: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on ndim < 2 parameters (norms, biases).
+    `foreach`: torch's choice when None; False for a model that mixes fsdp2-sharded and replicated parameters."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():  # shared (tied) parameters are yielded once
         if p.requires_grad:
@@ -70,7 +73,9 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=foreach
+    )
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -104,15 +109,26 @@ def clip_and_step(
     scheduler: LambdaLR | None,
     loss: torch.Tensor | float,
     grad_clip: float,
+    sharded: bool = False,
 ) -> StepResult:
     """Clip the accumulated gradients and step, unless the loss or the grad norm is non-finite (then skip).
 
-    Always leaves the gradients zeroed and advances the scheduler (see the module docstring).
+    Always leaves the gradients zeroed and advances the scheduler (see the module docstring). `sharded`: some
+    gradients are fsdp2 shards; the global norm then counts every shard once across processes (collective) and
+    the clip is applied as torch's `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6), capped at 1).
     """
     params = [p for p in params if p.grad is not None]
     loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    if params:
+    if sharded:
+        from rl.sharding import grad_norm_sq
+
+        grad_norm = math.sqrt(grad_norm_sq(params))
+        coef = min(1.0, max_norm / (grad_norm + 1e-6))
+        if coef < 1.0 and math.isfinite(grad_norm):
+            for p in params:
+                p.grad.mul_(coef)
+    elif params:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     else:
         grad_norm = 0.0

@@ -11,6 +11,9 @@ One step (global batch = `prompts_per_step` prompts × G samples):
 4. `num_iterations` PPO passes over the rollouts in micro-batches. The loss of every micro-batch is divided by
    the GLOBAL normaliser (all micro-batches of all processes), and gradients are summed across processes, so
    the update equals a 1-process run with the same global batch.
+   Sharding (`trainer.sharding`, rl/sharding.py): `none` replicates the model; `fsdp2` (chosen automatically
+   under recipes/accelerate/fsdp2.yaml) shards every decoder layer with `fully_shard`, gathers the layers for
+   generation, and gathers whole state dicts for checkpoints and the final model. DeepSpeed launches are refused.
 5. Guarded optimizer step (a non-finite loss or gradient skips the step and is counted), metrics, checkpoint.
 """
 
@@ -22,6 +25,7 @@ import random
 import signal
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from rl.model import load_policy
 from rl.optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step
 from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
+from rl.sharding import SHARDINGS, full_state_dicts, gathered, is_sharded, shard_decoder_layers
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms
 from rollouts.engine import generate, input_embedding_matrix
@@ -89,6 +94,8 @@ class TrainerConfig:
     keep_last: int = 2
     diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
     resume: str = "auto"  # auto = continue from the newest checkpoint in output_dir; never = start fresh
+    # none | fsdp2 (rl/sharding.py) | auto = fsdp2 under an accelerate FSDP launch config, else none
+    sharding: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.prompts_per_step < 1 or self.rollout_chunk < 1:
@@ -98,6 +105,8 @@ class TrainerConfig:
             )
         if self.resume not in ("auto", "never"):
             raise ValueError(f"trainer.resume={self.resume!r}: expected 'auto' or 'never'")
+        if self.sharding not in ("auto", *SHARDINGS):
+            raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
         unknown = sorted(set(self.eval_modes) - set(INFER_MODES))
         if unknown or (self.eval_modes and self.eval_primary not in INFER_MODES):
             raise ValueError(
@@ -171,6 +180,20 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     return out
 
 
+def resolve_sharding(distributed_type: str, requested: str, world: int) -> str:
+    """The sharding a run uses: `requested` (auto = fsdp2 under accelerate's FSDP launch, else none), always
+    none for one process; a DeepSpeed launch is refused rather than silently run as unsharded replicas."""
+    if distributed_type == "DEEPSPEED":
+        raise NotImplementedError(
+            "accelerate distributed_type=DEEPSPEED: the trainer does not drive DeepSpeed ZeRO; launch with "
+            "recipes/accelerate/fsdp2.yaml (decoder layers sharded: parameters, gradients and optimizer "
+            "state), ddp.yaml (GPU, replicated) or cpu2.yaml (CPU)"
+        )
+    if requested == "auto":
+        requested = "fsdp2" if distributed_type == "FSDP" else "none"
+    return requested if world > 1 else "none"
+
+
 class Trainer:
     """Holds the run's model, optimizer and state; `run()` trains and writes summary.json."""
 
@@ -182,13 +205,7 @@ class Trainer:
         self.dist = PartialState(cpu=cfg.trainer.device == "cpu")
         self.rank, self.world = self.dist.process_index, self.dist.num_processes
         kind = str(self.dist.distributed_type).rsplit(".", 1)[-1]
-        if kind in ("DEEPSPEED", "FSDP"):
-            # Refuse rather than silently run unsharded replicas under a ZeRO / FSDP launch config.
-            raise NotImplementedError(
-                f"accelerate distributed_type={kind}: the trainer shards nothing yet (parameters, gradients and "
-                "optimizer state are replicated and gradients all-reduced); launch with "
-                "recipes/accelerate/ddp.yaml (GPU) or cpu2.yaml (CPU) until ZeRO / FSDP support lands"
-            )
+        self.sharding = resolve_sharding(kind, cfg.trainer.sharding, self.world)
         self.main = self.dist.is_main_process
         if cfg.trainer.prompts_per_step % self.world:
             raise ValueError(
@@ -199,12 +216,14 @@ class Trainer:
         seed_everything(cfg.trainer.seed)
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.model.train()
+        self.layers = shard_decoder_layers(self.model) if self.sharding == "fsdp2" else []
         self.ref = None
         if cfg.rl.loss.kl_coef > 0:
             self.ref, _ = load_policy(cfg.model, self.device)
             self.ref.eval().requires_grad_(False)
         self.think_end_ids, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
-        self.opt = build_optimizer(self.model, cfg.rl.optim)
+        # per-parameter AdamW loops: foreach kernels refuse a group that mixes sharded and replicated tensors
+        self.opt = build_optimizer(self.model, cfg.rl.optim, foreach=False if self.layers else None)
         self.sched = build_scheduler(self.opt, cfg.rl.optim, total_steps=cfg.trainer.max_steps)
         emb = input_embedding_matrix(self.model)
         rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
@@ -227,10 +246,14 @@ class Trainer:
         found = checkpoint_dirs(self.out / "checkpoints")
         if not found:
             return None
-        self.state = load_checkpoint(found[-1], self.model, self.opt, self.sched)
+        self.state = load_checkpoint(found[-1], self.model, self.opt, self.sched, sharded=bool(self.layers))
         if self.main:
             print(f"[softgrpo] resumed from {found[-1]} (step {self.state.step})", flush=True)
         return found[-1]
+
+    def gathered(self) -> Any:
+        """Full decoder-layer parameters for generation under fsdp2 (collective); a no-op otherwise."""
+        return gathered(self.layers) if self.layers else nullcontext()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True  # finish the current step, checkpoint, exit (see run())
@@ -249,7 +272,7 @@ class Trainer:
                 chunk_seed(tcfg.seed, step, self.rank * share + lo)
             )
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.gathered():
                 parts.append(
                     generate(
                         self.model,
@@ -289,7 +312,10 @@ class Trainer:
         """Sum gradients over processes (each process already divided by the global normaliser)."""
         if self.world == 1:
             return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        # fsdp2-sharded layers were already reduce-scattered (as sums) by their backward hooks
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None and not is_sharded(p.grad)]
+        if not grads:
+            return
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         offset = 0
@@ -345,7 +371,9 @@ class Trainer:
                 if iteration == 0:
                     new_all.append((part, new))
             self._all_reduce_grads()
-            result = clip_and_step(self.model.parameters(), self.opt, None, total, rl.optim.grad_clip)
+            result = clip_and_step(
+                self.model.parameters(), self.opt, None, total, rl.optim.grad_clip, sharded=bool(self.layers)
+            )
             stats["skipped"] = stats.get("skipped", 0.0) + float(result.skipped)
             if iteration == 0:
                 stats.update(loss_stats(outs, new_all, result.grad_norm, result.lr))
@@ -354,7 +382,8 @@ class Trainer:
 
     def _diagnose(self) -> bool:
         every = self.cfg.trainer.diag_every
-        return bool(every) and self.state.step % every == 0
+        # autograd.grad cannot reach fsdp2's sharded parameters (their gradients arrive through hooks)
+        return bool(every) and self.state.step % every == 0 and not self.layers
 
     def _cot_grad_norm(self, new: Any, adv: Any, old: Any, ref: Any, norm: float) -> float:
         """‖∇ CoT term‖ alone, UNWEIGHTED (cot_weight = gaussian_weight = 1): how hard the Gaussian (or hard-CoT)
@@ -415,9 +444,11 @@ class Trainer:
         )
         try:
             with RewardPool(cfg.reward) as pool:
-                if self.main and "eval_before" not in summary:
-                    summary["eval_before"] = self._eval_block(tcfg.eval_modes, pool, "before")
-                    summary_path.write_text(json.dumps(summary, indent=2))
+                if "eval_before" not in summary:
+                    with self.gathered():  # every process; only the main one evaluates
+                        if self.main:
+                            summary["eval_before"] = self._eval_block(tcfg.eval_modes, pool, "before")
+                            summary_path.write_text(json.dumps(summary, indent=2))
                 bar = tqdm(total=tcfg.max_steps, initial=self.state.step, desc="train", disable=not self.main)
                 while self.state.step < tcfg.max_steps and not self._stop:
                     stats = self.train_step(pool)
@@ -426,14 +457,17 @@ class Trainer:
                     bar.set_postfix(reward=f"{stats.reward_mean:.3f}", cot=f"{stats.cot_len:.1f}")
                     step = self.state.step
                     if (
-                        self.main
-                        and tcfg.eval_modes
+                        tcfg.eval_modes
                         and tcfg.eval_every
                         and step % tcfg.eval_every == 0
                         and step < tcfg.max_steps
                     ):
-                        evals = self.evaluate([tcfg.eval_primary], pool, f"step {step}")
-                        logger.log(evals[tcfg.eval_primary].flat(f"eval/{tcfg.eval_primary}"), step=step)
+                        with self.gathered():
+                            if self.main:
+                                evals = self.evaluate([tcfg.eval_primary], pool, f"step {step}")
+                                logger.log(
+                                    evals[tcfg.eval_primary].flat(f"eval/{tcfg.eval_primary}"), step=step
+                                )
                     if step % tcfg.save_every == 0 or self._stop:
                         self.checkpoint()
                 bar.close()
@@ -444,8 +478,11 @@ class Trainer:
                     )
                     raise SystemExit(143)
                 self.checkpoint()
+                with self.gathered():
+                    if self.main:
+                        summary["eval_after"] = self._eval_block(tcfg.eval_modes, pool, "after")
+                final_state = self._full_state()[0]
                 if self.main:
-                    summary["eval_after"] = self._eval_block(tcfg.eval_modes, pool, "after")
                     summary["train"] = {
                         "steps": self.state.step,
                         "skipped_steps": self.state.skipped_steps,
@@ -453,9 +490,10 @@ class Trainer:
                         "rms": self.state.rms,
                         "reward_status": self.state.reward_status,
                         "processes": self.world,
+                        "sharding": self.sharding,
                     }
                     summary_path.write_text(json.dumps(summary, indent=2))
-                    self.model.save_pretrained(self.out / "final")
+                    self.model.save_pretrained(self.out / "final", state_dict=final_state)
                     self.tokenizer.save_pretrained(self.out / "final")
                     self._plot(summary)
         finally:
@@ -494,9 +532,14 @@ class Trainer:
             }
         plot_pass_at_k(curves, self.out / "passk.png", title="held-out pass@k, before vs after")
 
+    def _full_state(self) -> tuple[dict | None, dict | None]:
+        """Whole model / optimizer state dicts gathered from fsdp2 shards (collective); (None, None) unsharded."""
+        return full_state_dicts(self.model, self.opt) if self.layers else (None, None)
+
     def checkpoint(self) -> None:
         if self.world > 1:
             dist.barrier()
+        model_state, optimizer_state = self._full_state()
         if self.main:
             save_checkpoint(
                 self.out / "checkpoints",
@@ -506,6 +549,8 @@ class Trainer:
                 self.sched,
                 self.state,
                 self.cfg.trainer.keep_last,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
             )
         if self.world > 1:
             dist.barrier()

@@ -235,3 +235,26 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
     expected = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
     assert expected > 0
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind,requested,world,expected",
+    [
+        ("FSDP", "auto", 2, "fsdp2"),  # the fsdp2.yaml launch selects it
+        ("MULTI_GPU", "auto", 2, "none"),
+        ("MULTI_CPU", "fsdp2", 2, "fsdp2"),  # cpu2.yaml + trainer.sharding=fsdp2
+        ("FSDP", "auto", 1, "none"),  # one process: nothing to shard with
+        ("NO", "none", 1, "none"),
+    ],
+)
+def test_resolve_sharding(kind: str, requested: str, world: int, expected: str) -> None:
+    from rl.trainer import resolve_sharding
+
+    assert resolve_sharding(kind, requested, world) == expected
+
+
+def test_deepspeed_launch_is_refused_with_the_alternatives_named() -> None:
+    from rl.trainer import resolve_sharding
+
+    with pytest.raises(NotImplementedError, match="DEEPSPEED.*fsdp2.yaml"):
+        resolve_sharding("DEEPSPEED", "auto", 8)
