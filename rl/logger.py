@@ -94,3 +94,59 @@ class MetricsLogger:
         self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+CURVES = ("reward_mean", "cot_len", "cot_entropy", "grad_norm", "cot_grad_norm", "gap_cot")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a malformed line is an error naming the file and line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not JSON ({err})") from err
+    return rows
+
+
+def plot_training_curves(
+    rows: list[dict[str, Any]], path: str | Path, keys: tuple[str, ...] = CURVES, smooth: int = 5
+) -> list[str]:
+    """One panel per metric in `keys` present in `rows` (raw values faint, a trailing mean over `smooth` steps
+    bold; null / NaN values are gaps). Returns the keys plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(_finite(r.get(k)) for r in rows)]
+    if not present:
+        return []
+    cols = min(3, len(present))
+    nrows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, present, strict=False):
+        points = [(r["step"], float(r[key])) for r in rows if _finite(r.get(key))]
+        steps, values = zip(*points, strict=True)
+        ax.plot(steps, values, alpha=0.3, lw=1)
+        mean = [
+            sum(values[max(0, i - smooth + 1) : i + 1]) / len(values[max(0, i - smooth + 1) : i + 1])
+            for i in range(len(values))
+        ]
+        ax.plot(steps, mean, lw=2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return present
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

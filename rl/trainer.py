@@ -39,7 +39,7 @@ from rl.advantages import AdvantageConfig, compute_advantages
 from rl.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from rl.data import Problem, load_problems
 from rl.evaluation import ModeSummary, evaluate_mode, plot_pass_at_k, special_ids
-from rl.logger import MetricsLogger, NullLogger
+from rl.logger import MetricsLogger, NullLogger, plot_training_curves, read_metrics
 from rl.logprobs import LogProbConfig, log_prob_gap, sequence_log_probs
 from rl.loss import LossConfig, loss_normalizer, policy_loss
 from rl.model import load_policy
@@ -521,6 +521,9 @@ class Trainer:
         return block
 
     def _plot(self, summary: dict[str, Any]) -> None:
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            plot_training_curves(read_metrics(metrics), self.out / "curves.png")
         if summary["eval_before"]["primary"] is None:
             return
         curves = {}

@@ -7,7 +7,7 @@
     accelerate launch --config_file recipes/accelerate/ddp.yaml scripts/train.py ...
 
 Writes output_dir/metrics.jsonl (every step), checkpoints, summary.json (eval_before / eval_after for every
-inference mode in trainer.eval_modes), passk.png and the final policy in output_dir/final.
+inference mode in trainer.eval_modes), passk.png, curves.png (training curves) and the final policy in output_dir/final.
 """
 
 import json

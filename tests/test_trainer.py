@@ -67,6 +67,7 @@ def test_kill_and_resume_equals_straight_run(tiny_base: Path, tmp_path: Path) ->
     assert any(not torch.equal(start[k], end[k]) for k in start), (
         "the run did not update the model: test is vacuous"
     )
+    assert (tmp_path / "a" / "curves.png").stat().st_size > 1000  # training curves from metrics.jsonl
 
     run_b = small_run(tiny_base, tmp_path / "b", "trainer.max_steps=4", "trainer.save_every=2")
     first = make_trainer(run_b)
