@@ -90,9 +90,10 @@ def grad_norm_sq(params: Iterable[torch.Tensor]) -> float:
 
 
 def full_state_dicts(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Whole model and optimizer state on process 0 (CPU tensors); empty dicts elsewhere. Collective."""
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Whole model state (and optimizer state, unless `optimizer` is None) on process 0 as CPU tensors; empty
+    dicts elsewhere. Collective."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -100,9 +101,10 @@ def full_state_dicts(
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(
-        model, optimizer, options=options
-    )
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_state, None
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_full_state_dicts(

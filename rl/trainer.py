@@ -481,7 +481,7 @@ class Trainer:
                 with self.gathered():
                     if self.main:
                         summary["eval_after"] = self._eval_block(tcfg.eval_modes, pool, "after")
-                final_state = self._full_state()[0]
+                final_state = self._full_state(with_optimizer=False)[0]
                 if self.main:
                     summary["train"] = {
                         "steps": self.state.step,
@@ -535,9 +535,12 @@ class Trainer:
             }
         plot_pass_at_k(curves, self.out / "passk.png", title="held-out pass@k, before vs after")
 
-    def _full_state(self) -> tuple[dict | None, dict | None]:
-        """Whole model / optimizer state dicts gathered from fsdp2 shards (collective); (None, None) unsharded."""
-        return full_state_dicts(self.model, self.opt) if self.layers else (None, None)
+    def _full_state(self, with_optimizer: bool = True) -> tuple[dict | None, dict | None]:
+        """Whole model (and optimizer) state dicts gathered from fsdp2 shards (collective); (None, None) when
+        nothing is sharded (the checkpoint code then reads the live model and optimizer)."""
+        if not self.layers:
+            return None, None
+        return full_state_dicts(self.model, self.opt if with_optimizer else None)
 
     def checkpoint(self) -> None:
         if self.world > 1:
