@@ -7,7 +7,9 @@ and the counters. A directory still named `*.tmp` was interrupted mid-write and 
 
 Under fsdp2 sharding (`rl.sharding`) the trainer gathers whole model and optimizer state dicts first and passes
 them in; the optimizer state is then keyed by parameter name (`optimizer_format: "full"`) instead of by index
-(`"plain"`), and a checkpoint resumes only under the sharding that wrote it (the error says so).
+(`"plain"`). Under zero2 every process writes its part of the partitioned AdamW state with DeepSpeed's
+`save_checkpoint` into a staging folder that moves into the checkpoint (`deepspeed/`, format `"deepspeed"`).
+A checkpoint resumes only under the sharding that wrote it (the error says so).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 PREFIX = "step_"
+DEEPSPEED_TAG = "state"  # zero2: the DeepSpeed engine checkpoint sits in <checkpoint>/deepspeed/<tag>/
 
 
 @dataclass
@@ -72,9 +75,12 @@ def save_checkpoint(
     keep_last: int,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints.
-    `model_state` / `optimizer_state`: whole state dicts gathered from a sharded model (None: read them here)."""
+    `model_state` / `optimizer_state`: whole state dicts gathered from a sharded model (None: read them here).
+    `extra_dirs`: folders written elsewhere (a DeepSpeed engine checkpoint) moved in under the given names; with
+    a `deepspeed` folder the optimizer state lives there."""
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
@@ -82,10 +88,19 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model", state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
+    extra_dirs = extra_dirs or {}
+    for name, src in extra_dirs.items():
+        os.replace(src, tmp / name)
+    if "deepspeed" in extra_dirs:
+        optimizer_blob, optimizer_format = None, "deepspeed"
+    elif optimizer_state is not None:
+        optimizer_blob, optimizer_format = optimizer_state, "full"
+    else:
+        optimizer_blob, optimizer_format = optimizer.state_dict(), "plain"
     torch.save(
         {
-            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-            "optimizer_format": "plain" if optimizer_state is None else "full",
+            "optimizer": optimizer_blob,
+            "optimizer_format": optimizer_format,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "state": asdict(state),
@@ -101,10 +116,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, sharded: bool = False
+    path: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    sharded: bool = False,
+    engine: Any = None,
 ) -> TrainState:
     """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state.
-    `sharded`: the model's decoder layers are fsdp2-sharded (collective: every process calls it)."""
+    `sharded`: the model's decoder layers are fsdp2-sharded; `engine`: the zero2 DeepSpeed engine (it restores
+    weights, float32 master weights and its AdamW partition). Both are collective: every process calls it."""
     from safetensors.torch import load_file
 
     from rl.sharding import load_full_state_dicts
@@ -116,12 +137,22 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} has no model/*.safetensors")
     blob = torch.load(path / "trainer_state.pt", weights_only=False)
     written = blob.get("optimizer_format", "plain")
-    if written != ("full" if sharded else "plain"):
+    names = {"plain": "none", "full": "fsdp2", "deepspeed": "zero2"}
+    this_run = "deepspeed" if engine is not None else "full" if sharded else "plain"
+    if written != this_run:
         raise ValueError(
-            f"checkpoint {path} was written with {'fsdp2' if written == 'full' else 'no'} sharding; resume it "
-            f"under the same sharding (this run: {'fsdp2' if sharded else 'none'})"
+            f"checkpoint {path} was written with {names[written]} sharding; resume it under the same sharding "
+            f"(this run: {names[this_run]})"
         )
-    if sharded:
+    if engine is not None:
+        engine.load_checkpoint(
+            str(path / "deepspeed"),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        missing, unexpected = [], []
+    elif sharded:
         expected = set(model.state_dict())
         missing = sorted(expected - set(weights))
         unexpected = sorted(set(weights) - expected)
@@ -136,7 +167,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if not sharded:
+    if written == "plain":
         optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

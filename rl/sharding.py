@@ -1,5 +1,6 @@
 """Parameter sharding for multi-process training: `none` (every process holds the whole model; the trainer
-all-reduces gradients itself) or `fsdp2` (PyTorch's `fully_shard` on every decoder layer).
+all-reduces gradients itself), `fsdp2` (PyTorch's `fully_shard` on every decoder layer) or `zero2` (DeepSpeed
+ZeRO-2: gradients and AdamW state partitioned, parameters replicated; see `deepspeed_config`).
 
 Under `fsdp2` each decoder layer's parameters, gradients and AdamW state are split across the processes; the
 modules the learner calls outside a layer's forward (the input embedding E, read directly for μ = p E; the final
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-SHARDINGS = ("none", "fsdp2")
+SHARDINGS = ("none", "fsdp2", "zero2")
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -122,3 +123,41 @@ def load_full_state_dicts(
     set_model_state_dict(model, model_state, options=options)
     if optimizer_state is not None:
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def deepspeed_config(grad_clip: float, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed config of `zero2` sharding, from the run's optimizer settings and model dtype.
+
+    The trainer keeps its own batching: one backward and one engine step per optimizer step (so micro-batch 1 and
+    no DeepSpeed accumulation), DeepSpeed clips at `grad_clip` (0 = no clipping) and keeps float32 master weights
+    under bf16. Its AdamW is the trainer's own optimizer, wrapped; the learning-rate schedule stays the trainer's.
+
+    >>> deepspeed_config(1.0, torch.bfloat16)["zero_optimization"], deepspeed_config(0.0, torch.float32).get("bf16")
+    ({'stage': 2}, None)
+    """
+    if dtype == torch.float16:
+        raise ValueError(
+            "zero2 sharding with a float16 model needs loss scaling; use model.dtype=bfloat16 or float32"
+        )
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if grad_clip > 0:
+        config["gradient_clipping"] = grad_clip
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def init_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
+    """`deepspeed.initialize` over the already-initialised process group; returns the engine."""
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError("zero2 sharding needs DeepSpeed: pip install -e '.[deepspeed]'") from err
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine

@@ -13,7 +13,8 @@ One step (global batch = `prompts_per_step` prompts × G samples):
    the update equals a 1-process run with the same global batch.
    Sharding (`trainer.sharding`, rl/sharding.py): `none` replicates the model; `fsdp2` (chosen automatically
    under recipes/accelerate/fsdp2.yaml) shards every decoder layer with `fully_shard`, gathers the layers for
-   generation, and gathers whole state dicts for checkpoints and the final model. DeepSpeed launches are refused.
+   generation, and gathers whole state dicts for checkpoints and the final model; `zero2` (chosen under
+   recipes/accelerate/zero2.yaml) wraps the trainer's AdamW in a DeepSpeed ZeRO-2 engine. ZeRO-3 is refused.
 5. Guarded optimizer step (a non-finite loss or gradient skips the step and is counted), metrics, checkpoint.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -36,17 +38,25 @@ from tqdm.auto import tqdm
 
 from rewards import STATUSES, RewardPool, combine_rewards, format_reward
 from rl.advantages import AdvantageConfig, compute_advantages
-from rl.checkpoint import TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
+from rl.checkpoint import DEEPSPEED_TAG, TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from rl.data import Problem, load_problems
 from rl.evaluation import ModeSummary, evaluate_mode, plot_pass_at_k, special_ids
 from rl.logger import MetricsLogger, NullLogger, plot_training_curves, read_metrics
 from rl.logprobs import LogProbConfig, log_prob_gap, sequence_log_probs
 from rl.loss import LossConfig, loss_normalizer, policy_loss
 from rl.model import load_policy
-from rl.optim import OptimConfig, build_optimizer, build_scheduler, clip_and_step
+from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step
 from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
-from rl.sharding import SHARDINGS, full_state_dicts, gathered, is_sharded, shard_decoder_layers
+from rl.sharding import (
+    SHARDINGS,
+    deepspeed_config,
+    full_state_dicts,
+    gathered,
+    init_deepspeed,
+    is_sharded,
+    shard_decoder_layers,
+)
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms
 from rollouts.engine import generate, input_embedding_matrix
@@ -180,15 +190,19 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     return out
 
 
-def resolve_sharding(distributed_type: str, requested: str, world: int) -> str:
-    """The sharding a run uses: `requested` (auto = fsdp2 under accelerate's FSDP launch, else none), always
-    none for one process; a DeepSpeed launch is refused rather than silently run as unsharded replicas."""
+def resolve_sharding(distributed_type: str, requested: str, world: int, zero_stage: str | None = None) -> str:
+    """The sharding a run uses: `requested`, where auto = fsdp2 under accelerate's FSDP launch, zero2 under its
+    DeepSpeed ZeRO-2 launch (`zero_stage` = ACCELERATE_DEEPSPEED_ZERO_STAGE), else none; always none for one
+    process. Other ZeRO stages are refused rather than silently run as something else."""
     if distributed_type == "DEEPSPEED":
-        raise NotImplementedError(
-            "accelerate distributed_type=DEEPSPEED: the trainer does not drive DeepSpeed ZeRO; launch with "
-            "recipes/accelerate/fsdp2.yaml (decoder layers sharded: parameters, gradients and optimizer "
-            "state), ddp.yaml (GPU, replicated) or cpu2.yaml (CPU)"
-        )
+        if zero_stage != "2" or requested not in ("auto", "zero2"):
+            raise NotImplementedError(
+                f"accelerate DeepSpeed launch with zero_stage={zero_stage} and trainer.sharding={requested}: only "
+                "ZeRO-2 is supported (recipes/accelerate/zero2.yaml). ZeRO-3 would release the embedding "
+                "matrix the learner reads outside a module's forward; for sharded parameters launch with "
+                "recipes/accelerate/fsdp2.yaml"
+            )
+        requested = "zero2"
     if requested == "auto":
         requested = "fsdp2" if distributed_type == "FSDP" else "none"
     return requested if world > 1 else "none"
@@ -205,7 +219,13 @@ class Trainer:
         self.dist = PartialState(cpu=cfg.trainer.device == "cpu")
         self.rank, self.world = self.dist.process_index, self.dist.num_processes
         kind = str(self.dist.distributed_type).rsplit(".", 1)[-1]
-        self.sharding = resolve_sharding(kind, cfg.trainer.sharding, self.world)
+        zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        self.sharding = resolve_sharding(kind, cfg.trainer.sharding, self.world, zero_stage)
+        if self.sharding == "zero2" and cfg.rl.micro_batch:
+            raise ValueError(
+                f"rl.micro_batch={cfg.rl.micro_batch}: zero2 sharding runs one backward per optimizer step; "
+                "use rl.micro_batch=0"
+            )
         self.main = self.dist.is_main_process
         if cfg.trainer.prompts_per_step % self.world:
             raise ValueError(
@@ -225,6 +245,15 @@ class Trainer:
         # per-parameter AdamW loops: foreach kernels refuse a group that mixes sharded and replicated tensors
         self.opt = build_optimizer(self.model, cfg.rl.optim, foreach=False if self.layers else None)
         self.sched = build_scheduler(self.opt, cfg.rl.optim, total_steps=cfg.trainer.max_steps)
+        self.engine = (
+            init_deepspeed(
+                self.model,
+                self.opt,
+                deepspeed_config(cfg.rl.optim.grad_clip, next(self.model.parameters()).dtype),
+            )
+            if self.sharding == "zero2"
+            else None
+        )
         emb = input_embedding_matrix(self.model)
         rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
         self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
@@ -246,7 +275,9 @@ class Trainer:
         found = checkpoint_dirs(self.out / "checkpoints")
         if not found:
             return None
-        self.state = load_checkpoint(found[-1], self.model, self.opt, self.sched, sharded=bool(self.layers))
+        self.state = load_checkpoint(
+            found[-1], self.model, self.opt, self.sched, sharded=bool(self.layers), engine=self.engine
+        )
         if self.main:
             print(f"[softgrpo] resumed from {found[-1]} (step {self.state.step})", flush=True)
         return found[-1]
@@ -365,25 +396,46 @@ class Trainer:
                 out = policy_loss(new, a, rl.loss, old=old[i], ref=ref[i], normalizer=norm)
                 if iteration == 0 and i == 0 and self._diagnose():
                     stats["cot_grad_norm"] = self._cot_grad_norm(new, a, old[i], ref[i], norm)
-                out.loss.backward()
+                if self.engine is None:
+                    out.loss.backward()
                 total += float(out.loss.detach())
                 outs.append(out)
                 if iteration == 0:
                     new_all.append((part, new))
-            self._all_reduce_grads()
-            result = clip_and_step(
-                self.model.parameters(), self.opt, None, total, rl.optim.grad_clip, sharded=bool(self.layers)
-            )
+            if self.engine is None:
+                self._all_reduce_grads()
+                result = clip_and_step(
+                    self.model.parameters(),
+                    self.opt,
+                    None,
+                    total,
+                    rl.optim.grad_clip,
+                    sharded=bool(self.layers),
+                )
+            else:
+                result = self._engine_step(outs[0].loss, total)
             stats["skipped"] = stats.get("skipped", 0.0) + float(result.skipped)
             if iteration == 0:
                 stats.update(loss_stats(outs, new_all, result.grad_norm, result.lr))
         self.sched.step()
         return stats
 
+    def _engine_step(self, loss: torch.Tensor, total: float) -> StepResult:
+        """zero2: backward and step through DeepSpeed (one micro-batch per process; it reduces, clips, steps).
+        DeepSpeed AVERAGES gradients over processes, so the loss (already divided by the global normaliser) is
+        multiplied by the world size to keep the summed update. A non-finite loss on any process skips everywhere."""
+        lr = float(self.opt.param_groups[0]["lr"])
+        if self._all_sum(0.0 if math.isfinite(total) else 1.0) > 0:
+            return StepResult(grad_norm=float("nan"), skipped=True, lr=lr)
+        self.engine.backward(loss * self.world)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(grad_norm=float("nan") if norm is None else float(norm), skipped=False, lr=lr)
+
     def _diagnose(self) -> bool:
         every = self.cfg.trainer.diag_every
         # autograd.grad cannot reach fsdp2's sharded parameters (their gradients arrive through hooks)
-        return bool(every) and self.state.step % every == 0 and not self.layers
+        return bool(every) and self.state.step % every == 0 and not self.layers and self.engine is None
 
     def _cot_grad_norm(self, new: Any, adv: Any, old: Any, ref: Any, norm: float) -> float:
         """‖∇ CoT term‖ alone, UNWEIGHTED (cot_weight = gaussian_weight = 1): how hard the Gaussian (or hard-CoT)
@@ -546,6 +598,12 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         model_state, optimizer_state = self._full_state()
+        extra: dict[str, Path] = {}
+        if self.engine is not None:  # partitioned AdamW state: every process writes its part (collective)
+            staging = self.out / "checkpoints" / f".deepspeed_step_{self.state.step:06d}"
+            self.engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG)
+            dist.barrier()
+            extra["deepspeed"] = staging
         if self.main:
             save_checkpoint(
                 self.out / "checkpoints",
@@ -557,6 +615,7 @@ class Trainer:
                 self.cfg.trainer.keep_last,
                 model_state=model_state,
                 optimizer_state=optimizer_state,
+                extra_dirs=extra,
             )
         if self.world > 1:
             dist.barrier()

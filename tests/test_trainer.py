@@ -101,11 +101,12 @@ def _load_final_from(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("sharding", ["none", "fsdp2"])
+@pytest.mark.parametrize("sharding", ["none", "fsdp2", "zero2"])
 def test_two_processes_equal_one(tiny_base: Path, tmp_path: Path, sharding: str) -> None:
     """`accelerate launch` with 2 CPU processes and the same global batch gives the 1-process parameters, with
-    replicated parameters and with fsdp2-sharded decoder layers (sum-reduce-scattered gradients, sharded AdamW
-    state, whole checkpoint and final model gathered)."""
+    replicated parameters, with fsdp2-sharded decoder layers (sum-reduce-scattered gradients, sharded AdamW
+    state, whole checkpoint and final model gathered) and with DeepSpeed ZeRO-2 (partitioned gradients and AdamW
+    state, DeepSpeed's own reduction and clipping)."""
     common = small_run(
         tiny_base, tmp_path, "trainer.max_steps=2", "trainer.device=cpu", f"trainer.sharding={sharding}"
     )
@@ -167,9 +168,11 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_base: Path, tmp_path: Path)
     assert saved[0].name == f"step_{steps:06d}"  # the checkpoint holds every step that was logged
 
 
-def test_fsdp2_resume_equals_straight_run(tiny_base: Path, tmp_path: Path) -> None:
-    """Under fsdp2 with 2 processes: 3 steps straight == 2 steps, a stop, a resume from the gathered checkpoint
-    (whole weights and name-keyed AdamW state loaded back into the shards), 1 more step."""
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero2"])
+def test_sharded_resume_equals_straight_run(tiny_base: Path, tmp_path: Path, sharding: str) -> None:
+    """Sharded, 2 processes: 3 steps straight == 2 steps, a stop, a resume, 1 more step. fsdp2 resumes from the
+    gathered checkpoint (whole weights and name-keyed AdamW state loaded back into the shards); zero2 from
+    DeepSpeed's engine checkpoint (float32 master weights and each process's AdamW partition)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out: Path, *extra: str) -> None:
@@ -178,7 +181,7 @@ def test_fsdp2_resume_equals_straight_run(tiny_base: Path, tmp_path: Path) -> No
             tiny_base,
             out,
             "trainer.device=cpu",
-            "trainer.sharding=fsdp2",
+            f"trainer.sharding={sharding}",
             "rl.optim.min_lr_ratio=1.0",
             *extra,
         )

@@ -241,6 +241,8 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
     "kind,requested,world,expected",
     [
         ("FSDP", "auto", 2, "fsdp2"),  # the fsdp2.yaml launch selects it
+        ("DEEPSPEED", "auto", 2, "zero2"),  # zero2.yaml (ACCELERATE_DEEPSPEED_ZERO_STAGE=2)
+        ("MULTI_CPU", "zero2", 2, "zero2"),  # cpu2.yaml + trainer.sharding=zero2
         ("MULTI_GPU", "auto", 2, "none"),
         ("MULTI_CPU", "fsdp2", 2, "fsdp2"),  # cpu2.yaml + trainer.sharding=fsdp2
         ("FSDP", "auto", 1, "none"),  # one process: nothing to shard with
@@ -250,11 +252,26 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
 def test_resolve_sharding(kind: str, requested: str, world: int, expected: str) -> None:
     from rl.trainer import resolve_sharding
 
-    assert resolve_sharding(kind, requested, world) == expected
+    assert resolve_sharding(kind, requested, world, zero_stage="2") == expected
 
 
-def test_deepspeed_launch_is_refused_with_the_alternatives_named() -> None:
+@pytest.mark.parametrize("stage,requested", [("3", "auto"), ("1", "auto"), (None, "auto"), ("2", "fsdp2")])
+def test_other_deepspeed_launches_are_refused_with_the_alternatives_named(stage, requested) -> None:
     from rl.trainer import resolve_sharding
 
-    with pytest.raises(NotImplementedError, match="DEEPSPEED.*fsdp2.yaml"):
-        resolve_sharding("DEEPSPEED", "auto", 8)
+    with pytest.raises(NotImplementedError, match=r"only ZeRO-2 is supported(.|\n)*fsdp2.yaml"):
+        resolve_sharding("DEEPSPEED", requested, 8, zero_stage=stage)
+
+
+def test_deepspeed_config_maps_the_optimizer_settings() -> None:
+    from rl.sharding import deepspeed_config
+
+    cfg = deepspeed_config(0.5, torch.bfloat16)
+    # one backward and one engine step per trainer step; DeepSpeed clips; bf16 keeps float32 master weights
+    assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["zero_optimization"] == {"stage": 2} and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"] == {"enabled": True}
+    plain = deepspeed_config(0.0, torch.float32)
+    assert "gradient_clipping" not in plain and "bf16" not in plain
+    with pytest.raises(ValueError, match="float16"):
+        deepspeed_config(1.0, torch.float16)
