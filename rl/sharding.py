@@ -71,23 +71,25 @@ def gathered(layers: list[Any]) -> Iterator[None]:
 
 
 def grad_norm_sq(params: Iterable[torch.Tensor]) -> float:
-    """Σ ‖grad‖² over `params`: replicated gradients counted once, sharded ones summed over processes."""
-    replicated = 0.0
-    sharded = 0.0
+    """Σ ‖grad‖² over `params`: replicated gradients counted once, sharded ones summed over processes. The sums
+    stay on the gradients' device; one all-reduce and one host read in all."""
+    sharded: list[torch.Tensor] = []
+    replicated: list[torch.Tensor] = []
     for p in params:
-        if p.grad is None:
-            continue
-        if is_sharded(p.grad):
-            sharded += float(p.grad.to_local().double().pow(2).sum())
-        else:
-            replicated += float(p.grad.double().pow(2).sum())
+        if p.grad is not None:
+            if is_sharded(p.grad):
+                sharded.append(p.grad.to_local().double().pow(2).sum())
+            else:
+                replicated.append(p.grad.double().pow(2).sum())
+    if not sharded and not replicated:
+        return 0.0
+    device = (sharded or replicated)[0].device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    shard_sum = torch.stack(sharded).sum() if sharded else zero  # [] this process's shards
     if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([sharded], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        sharded = float(t.item())
-    return replicated + sharded
+        dist.all_reduce(shard_sum)
+    total = shard_sum + (torch.stack(replicated).sum().to(device) if replicated else zero)
+    return float(total)
 
 
 def full_state_dicts(

@@ -44,13 +44,13 @@ def main() -> None:
         ],
     )
     cfg = to_object(raw, TrainConfig)
+    cfg.trainer.prompts_per_step = args.prompts
     trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     grads: dict[str, list[torch.Tensor]] = {"cot": [], "answer": []}
     with RewardPool(cfg.reward) as pool:
         for b in range(args.batches):
             trainer.state.consumed = 0  # same prompts every batch
-            cfg.trainer.prompts_per_step = args.prompts
             rollouts, problems = trainer.rollout(step=1000 + b)
             rewards, _ = trainer.rewards(rollouts, problems, pool)
             adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
