@@ -5,11 +5,14 @@ A checkpoint directory `checkpoints/step_000040/` holds the policy (`save_pretra
 deploys with ordinary tools) and `trainer_state.pt`: optimizer, scheduler, every RNG, the data position, σ
 and the counters. A directory still named `*.tmp` was interrupted mid-write and is ignored.
 
-Under fsdp2 sharding (`rl.sharding`) the trainer gathers whole model and optimizer state dicts first and passes
-them in; the optimizer state is then keyed by parameter name (`optimizer_format: "full"`) instead of by index
-(`"plain"`). Under zero2 every process writes its part of the partitioned AdamW state with DeepSpeed's
-`save_checkpoint` into a staging folder that moves into the checkpoint (`deepspeed/`, format `"deepspeed"`).
-A checkpoint resumes only under the sharding that wrote it (the error says so).
+`trainer_state.pt` names the sharding that wrote it (`rl.sharding`), and a checkpoint resumes only under that
+sharding (the error says so):
+- `none`: the optimizer state as `optimizer.state_dict()` (keyed by index);
+- `fsdp2`: the trainer gathers whole model and optimizer state dicts first and passes them in; the optimizer
+  state is keyed by parameter name;
+- `zero2` / `zero3`: every process writes its part of the partitioned AdamW state (and, under zero3, of the float32
+  master weights) with DeepSpeed's `save_checkpoint` into a staging folder that moves into the checkpoint as
+  `deepspeed/`; the trainer passes in the whole weights for `model/`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     keep_last: int,
+    sharding: str = "none",
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     extra_dirs: dict[str, Path] | None = None,
@@ -92,15 +96,15 @@ def save_checkpoint(
     for name, src in extra_dirs.items():
         os.replace(src, tmp / name)
     if "deepspeed" in extra_dirs:
-        optimizer_blob, optimizer_format = None, "deepspeed"
+        optimizer_blob = None
     elif optimizer_state is not None:
-        optimizer_blob, optimizer_format = optimizer_state, "full"
+        optimizer_blob = optimizer_state
     else:
-        optimizer_blob, optimizer_format = optimizer.state_dict(), "plain"
+        optimizer_blob = optimizer.state_dict()
     torch.save(
         {
             "optimizer": optimizer_blob,
-            "optimizer_format": optimizer_format,
+            "sharding": sharding,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "state": asdict(state),
@@ -120,12 +124,12 @@ def load_checkpoint(
     model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    sharded: bool = False,
+    sharding: str = "none",
     engine: Any = None,
 ) -> TrainState:
     """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state.
-    `sharded`: the model's decoder layers are fsdp2-sharded; `engine`: the zero2 DeepSpeed engine (it restores
-    weights, float32 master weights and its AdamW partition). Both are collective: every process calls it."""
+    `sharding`: this run's (rl/sharding.py); `engine`: the zero2 / zero3 DeepSpeed engine (it restores weights,
+    float32 master weights and its AdamW partition). Sharded loads are collective: every process calls this."""
     from safetensors.torch import load_file
 
     from rl.sharding import load_full_state_dicts
@@ -136,15 +140,17 @@ def load_checkpoint(
     if not weights:
         raise FileNotFoundError(f"checkpoint {path} has no model/*.safetensors")
     blob = torch.load(path / "trainer_state.pt", weights_only=False)
-    written = blob.get("optimizer_format", "plain")
-    names = {"plain": "none", "full": "fsdp2", "deepspeed": "zero2"}
-    this_run = "deepspeed" if engine is not None else "full" if sharded else "plain"
-    if written != this_run:
+    # checkpoints written before the sharding was recorded by name say it as an optimizer format
+    legacy = {"plain": "none", "full": "fsdp2", "deepspeed": "zero2"}
+    written = blob.get("sharding") or legacy[blob.get("optimizer_format", "plain")]
+    if written != sharding:
         raise ValueError(
-            f"checkpoint {path} was written with {names[written]} sharding; resume it under the same sharding "
-            f"(this run: {names[this_run]})"
+            f"checkpoint {path} was written with {written} sharding; resume it under the same sharding "
+            f"(this run: {sharding})"
         )
-    if engine is not None:
+    if sharding.startswith("zero"):
+        if engine is None:
+            raise ValueError(f"{sharding} checkpoint {path}: loading it needs the run's DeepSpeed engine")
         engine.load_checkpoint(
             str(path / "deepspeed"),
             tag=DEEPSPEED_TAG,
@@ -152,7 +158,7 @@ def load_checkpoint(
             load_lr_scheduler_states=False,
         )
         missing, unexpected = [], []
-    elif sharded:
+    elif sharding == "fsdp2":
         expected = set(model.state_dict())
         missing = sorted(expected - set(weights))
         unexpected = sorted(set(weights) - expected)
@@ -167,7 +173,7 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if written == "plain":
+    if sharding == "none":
         optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])

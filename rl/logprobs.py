@@ -22,15 +22,16 @@ first L_i positions. Real tokens then sit at the same positions 0..L_i-1 as in a
 attention never lets a real position see a pad, and no query row is fully masked (left padding would give the
 leading pad rows an all-masked attention row, a NaN hazard in some kernels).
 
-Memory: the body runs once; the output head, log-softmax and μ run over chunks of `chunk_size` scored positions,
-each chunk under activation checkpointing when gradients are on, so at most one chunk of [chunk, V] float32
-logits is alive at a time, in the forward and in the backward. `chunk_size=0` is the dense reference path (all
-positions at once, no checkpointing); tests check that both agree in values and gradients.
+Memory: the body runs once; the output head, log-softmax and μ run over chunks of `chunk_size` scored positions
+(in one `ActionScorer` call), each chunk under activation checkpointing when gradients are on, so at most one
+chunk of [chunk, V] float32 logits is alive at a time, in the forward and in the backward. `chunk_size=0` is the
+dense reference path (all positions at once, no checkpointing); tests check that both agree in values and
+gradients.
 
-The body is `model.get_decoder()` and the head `model.get_output_embeddings()` (Llama, Qwen2/2.5/3, Mistral,
-Gemma; tied and untied). `config.final_logit_softcapping` (Gemma 2) is applied as the model's own forward does.
-Pass the unwrapped model (e.g. `accelerator.unwrap_model(model)`): the head is called outside the top-level
-forward.
+The body is `model.get_decoder()` and the head `model.get_output_embeddings()`, a linear layer (Llama,
+Qwen2/2.5/3, Mistral, Gemma; tied and untied). `config.final_logit_softcapping` (Gemma 2) is applied as the
+model's own forward does. Pass the unwrapped model (e.g. `accelerator.unwrap_model(model)`): the head is applied
+outside the top-level forward.
 
 Shape legend (see `rollouts.record`): N rollouts, P prompt, T CoT steps, A answer tokens, L packed sequence
 length, M scored positions of one kind in the batch, V vocabulary, d embedding width, H model hidden size (= d).
@@ -128,15 +129,10 @@ def sequence_log_probs(
             f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
         )
     embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
     decoder = model.get_decoder()
-    if head is None or decoder is model:
-        raise TypeError(
-            f"{type(model).__name__}: expected a causal LM with an output head and a decoder body"
-        )
+    scorer = action_scorer(model)
     device = embedding.weight.device
     dtype = embedding.weight.dtype
-    softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
 
     prompt_mask = rollouts.prompt_mask.to(device)  # [N, P]
     cot_mask = rollouts.cot_mask.to(device)  # [N, T]
@@ -185,68 +181,141 @@ def sequence_log_probs(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state  # [N, L, H]
 
-    def logits_of(x: torch.Tensor) -> torch.Tensor:  # [M, H] -> [M, V] float32
-        z = head(x).float()
-        if softcap is not None:
-            z = torch.tanh(z / softcap) * softcap
-        return z
-
-    # --- CoT steps: scored from the position before each step
+    # --- scored positions: each CoT step and each sampled answer token, from the position before it
     rows, steps = cot_mask.nonzero(as_tuple=True)  # [M_c]
     cot_hidden = hidden[rows, p_len[rows] + steps - 1]  # [M_c, H]
-    cot_lp = torch.zeros(n, t_max, device=device)  # [N, T]
-    cot_ent = torch.zeros(n, t_max, device=device)  # [N, T]
-    mu_out: torch.Tensor | None = None
     if continuous:
         assert h_all is not None
-        # [V, d]: μ's gradient reaches E here unless the config detaches it
-        emb_weight = input_embedding_matrix(model, detach=not cfg.mean_grad_through_embedding)
-
-        def soft_chunk(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            logp = cot_log_probs(logits_of(x), cot)  # [M, V] float32
-            mu = mixture_mean(logp.exp(), emb_weight)  # [M, d] float32
-            return gaussian_log_prob(h, mu, rollouts.sigma), mu, entropy(logp.detach())
-
-        lp, mu, ent = _chunked(soft_chunk, (cot_hidden, h_all[rows, steps]), cfg.chunk_size)
-        mu_out = torch.zeros(n, t_max, h_all.shape[-1], device=device).index_put(
-            (rows, steps), mu
-        )  # [N, T, d]
+        cot_targets = h_all[rows, steps]  # [M_c, d] the stored vectors h_t
     else:
-        actions = rollouts.cot_ids.to(device)[rows, steps]  # [M_c]
-
-        def hard_chunk(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            logp = cot_log_probs(logits_of(x), cot)  # [M, V]
-            return logp.gather(1, c[:, None]).squeeze(1), entropy(logp.detach())
-
-        lp, ent = _chunked(hard_chunk, (cot_hidden, actions), cfg.chunk_size)
-    cot_lp = cot_lp.index_put((rows, steps), lp)
-    cot_ent = cot_ent.index_put((rows, steps), ent.detach())
-
-    # --- answer tokens (sampled ones only; the forced delimiter is context)
-    tau_a = answer_temperature if answer_temperature > 0 else 1.0
+        cot_targets = rollouts.cot_ids.to(device)[rows, steps]  # [M_c] the sampled tokens c_t
     a_rows, a_steps = action_mask.nonzero(as_tuple=True)  # [M_a]
     ans_hidden = hidden[a_rows, p_len[a_rows] + t_len[a_rows] + a_steps - 1]  # [M_a, H]
     tokens = rollouts.answer_ids.to(device)[a_rows, a_steps]  # [M_a]
+    scores = ActionScores(
+        *scorer(
+            cot_hidden,
+            cot_targets,
+            ans_hidden,
+            tokens,
+            cot=cot,
+            sigma=rollouts.sigma,
+            answer_temperature=answer_temperature if answer_temperature > 0 else 1.0,
+            answer_top_p=answer_top_p,
+            cfg=cfg,
+        )
+    )
 
-    def answer_chunk(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logp = torch.log_softmax(filter_logits(logits_of(x), top_p=answer_top_p) / tau_a, dim=-1)  # [M, V]
-        return logp.gather(1, a[:, None]).squeeze(1), entropy(logp.detach())
-
-    alp, aent = _chunked(answer_chunk, (ans_hidden, tokens), cfg.chunk_size)
-    ans_lp = torch.zeros(n, a_max, device=device).index_put((a_rows, a_steps), alp)  # [N, A]
-    ans_ent = torch.zeros(n, a_max, device=device).index_put((a_rows, a_steps), aent.detach())  # [N, A]
+    def scatter(rows_: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.zeros(n, width, *values.shape[1:], device=device).index_put((rows_, cols), values)
 
     return SequenceLogProbs(
         cot_mode=cot.mode,
-        cot=cot_lp,
+        cot=scatter(rows, steps, scores.cot, t_max),  # [N, T]
         cot_mask=cot_mask,
-        answer=ans_lp,
+        answer=scatter(a_rows, a_steps, scores.answer, a_max),  # [N, A]
         answer_mask=action_mask,
-        mu=mu_out,
+        mu=None if scores.mu is None else scatter(rows, steps, scores.mu, t_max),  # [N, T, d]
         sigma=rollouts.sigma if continuous else 0.0,
-        cot_entropy=cot_ent,
-        answer_entropy=ans_ent,
+        cot_entropy=scatter(rows, steps, scores.cot_entropy, t_max),
+        answer_entropy=scatter(a_rows, a_steps, scores.answer_entropy, a_max),
     )
+
+
+@dataclass
+class ActionScores:
+    """Per scored position, in `ActionScorer`'s input order (float32): log π of each action, μ of each soft /
+    fuzzy step (None for hard), and the entropies (detached)."""
+
+    cot: torch.Tensor  # [M_c]
+    mu: torch.Tensor | None  # [M_c, d]
+    cot_entropy: torch.Tensor  # [M_c]
+    answer: torch.Tensor  # [M_a]
+    answer_entropy: torch.Tensor  # [M_a]
+
+
+SCORER_ATTR = "softgrpo_action_scorer"  # where ZeRO-3 sharding registers the scorer on the policy
+
+
+class ActionScorer(torch.nn.Module):
+    """Output head -> filtered log-softmax -> the log-prob of each action (for soft / fuzzy CoT also
+    μ = softmax(filter(z) / τ) E and the Gaussian log-density), over the scored positions in chunks of
+    `cfg.chunk_size`, as ONE module call.
+
+    Why one module call: under DeepSpeed ZeRO-3 (rl/sharding.py) the scorer is registered on the policy with the
+    output head's weight and E as its external parameters, so DeepSpeed gathers them once for the forward and
+    once for the backward however many chunks a process has. (Calling the head module per chunk would gather per
+    chunk, and processes have different chunk counts: unmatched collectives.) The head is applied as
+    `F.linear(x, W, b)`, which is exactly `nn.Linear.forward`. Anywhere else a fresh, unattached scorer is simply
+    a function of the model (`action_scorer`)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        head = model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear) or model.get_decoder() is model:
+            raise TypeError(
+                f"{type(model).__name__}: expected a causal LM with a decoder body and a linear output head "
+                f"(got head {type(head).__name__})"
+            )
+        self._model = (model,)  # a tuple, not an attribute module: the model is not this module's child
+
+    def forward(
+        self,
+        cot_hidden: torch.Tensor,  # [M_c, H]
+        cot_targets: torch.Tensor,  # [M_c, d] stored vectors h_t (soft / fuzzy) or [M_c] token ids (hard)
+        answer_hidden: torch.Tensor,  # [M_a, H]
+        answer_tokens: torch.Tensor,  # [M_a]
+        *,
+        cot: CotConfig,
+        sigma: float,
+        answer_temperature: float,
+        answer_top_p: float,
+        cfg: LogProbConfig,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The fields of `ActionScores`, as a tuple: DeepSpeed's backward hooks find the tensors in a tuple."""
+        model = self._model[0]
+        head = model.get_output_embeddings()
+        softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+
+        def logits_of(x: torch.Tensor) -> torch.Tensor:  # [M, H] -> [M, V] float32
+            z = torch.nn.functional.linear(x, head.weight, head.bias).float()
+            if softcap is not None:
+                z = torch.tanh(z / softcap) * softcap
+            return z
+
+        mu: torch.Tensor | None = None
+        if cot.continuous:
+            # [V, d]: μ's gradient reaches E here unless the config detaches it
+            emb_weight = input_embedding_matrix(model, detach=not cfg.mean_grad_through_embedding)
+
+            def soft_chunk(x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                logp = cot_log_probs(logits_of(x), cot)  # [M, V] float32
+                mu = mixture_mean(logp.exp(), emb_weight)  # [M, d] float32
+                return gaussian_log_prob(h, mu, sigma), mu, entropy(logp.detach())
+
+            cot_lp, mu, cot_ent = _chunked(soft_chunk, (cot_hidden, cot_targets), cfg.chunk_size)
+        else:
+
+            def hard_chunk(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                logp = cot_log_probs(logits_of(x), cot)  # [M, V]
+                return logp.gather(1, c[:, None]).squeeze(1), entropy(logp.detach())
+
+            cot_lp, cot_ent = _chunked(hard_chunk, (cot_hidden, cot_targets), cfg.chunk_size)
+
+        # answer tokens: the sampled ones only (the forced delimiter is context)
+        def answer_chunk(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            z = filter_logits(logits_of(x), top_p=answer_top_p) / answer_temperature
+            logp = torch.log_softmax(z, dim=-1)  # [M, V]
+            return logp.gather(1, a[:, None]).squeeze(1), entropy(logp.detach())
+
+        ans_lp, ans_ent = _chunked(answer_chunk, (answer_hidden, answer_tokens), cfg.chunk_size)
+        return cot_lp, mu, cot_ent.detach(), ans_lp, ans_ent.detach()
+
+
+def action_scorer(model: torch.nn.Module) -> ActionScorer:
+    """The scorer registered on `model` (ZeRO-3 sharding), else a fresh one."""
+    attached = getattr(model, SCORER_ATTR, None)
+    return attached if attached is not None else ActionScorer(model)
 
 
 def log_prob_gap(rollouts: Rollouts, learner: SequenceLogProbs) -> LogProbGap:

@@ -13,8 +13,9 @@ One step (global batch = `prompts_per_step` prompts × G samples):
    the update equals a 1-process run with the same global batch.
    Sharding (`trainer.sharding`, rl/sharding.py): `none` replicates the model; `fsdp2` (chosen automatically
    under recipes/accelerate/fsdp2.yaml) shards every decoder layer with `fully_shard`, gathers the layers for
-   generation, and gathers whole state dicts for checkpoints and the final model; `zero2` (chosen under
-   recipes/accelerate/zero2.yaml) wraps the trainer's AdamW in a DeepSpeed ZeRO-2 engine. ZeRO-3 is refused.
+   generation, and gathers whole state dicts for checkpoints and the final model; `zero2` / `zero3` (chosen
+   under recipes/accelerate/zero2.yaml / zero3.yaml) wrap the trainer's AdamW in a DeepSpeed ZeRO engine; under
+   zero3 generation and evaluation run on a whole copy of the policy refreshed after every update.
 5. Guarded optimizer step (a non-finite loss or gradient skips the step and is counted), metrics, checkpoint.
 """
 
@@ -27,7 +28,8 @@ import random
 import signal
 import time
 import zlib
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,11 +52,14 @@ from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
 from rl.sharding import (
     SHARDINGS,
+    GenerationCopy,
     deepspeed_config,
     full_state_dicts,
     gathered,
     init_deepspeed,
     is_sharded,
+    local_param_fraction,
+    prepare_zero3,
     shard_decoder_layers,
 )
 from rollouts.config import CotConfig
@@ -104,8 +109,10 @@ class TrainerConfig:
     keep_last: int = 2
     diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
     resume: str = "auto"  # auto = continue from the newest checkpoint in output_dir; never = start fresh
-    # none | fsdp2 (rl/sharding.py) | auto = fsdp2 under an accelerate FSDP launch config, else none
+    # none | fsdp2 | zero2 | zero3 (rl/sharding.py) | auto = what the accelerate launch config asks for
     sharding: str = "auto"
+    # zero3: parameters with fewer elements stay whole on every process (DeepSpeed's default 1e5)
+    zero3_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.prompts_per_step < 1 or self.rollout_chunk < 1:
@@ -117,6 +124,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.resume={self.resume!r}: expected 'auto' or 'never'")
         if self.sharding not in ("auto", *SHARDINGS):
             raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError(
+                f"trainer.zero3_persistence_threshold={self.zero3_persistence_threshold}: must be >= 0"
+            )
         unknown = sorted(set(self.eval_modes) - set(INFER_MODES))
         if unknown or (self.eval_modes and self.eval_primary not in INFER_MODES):
             raise ValueError(
@@ -191,18 +202,19 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
 
 
 def resolve_sharding(distributed_type: str, requested: str, world: int, zero_stage: str | None = None) -> str:
-    """The sharding a run uses: `requested`, where auto = fsdp2 under accelerate's FSDP launch, zero2 under its
-    DeepSpeed ZeRO-2 launch (`zero_stage` = ACCELERATE_DEEPSPEED_ZERO_STAGE), else none; always none for one
-    process. Other ZeRO stages are refused rather than silently run as something else."""
+    """The sharding a run uses: `requested`, where auto = fsdp2 under accelerate's FSDP launch, zero2 / zero3
+    under its DeepSpeed launch (`zero_stage` = ACCELERATE_DEEPSPEED_ZERO_STAGE), else none; always none for one
+    process. Other ZeRO stages, and a sharding that contradicts the DeepSpeed launch, are refused rather than
+    silently run as something else."""
     if distributed_type == "DEEPSPEED":
-        if zero_stage != "2" or requested not in ("auto", "zero2"):
+        stage = f"zero{zero_stage}"
+        if stage not in ("zero2", "zero3") or requested not in ("auto", stage):
             raise NotImplementedError(
-                f"accelerate DeepSpeed launch with zero_stage={zero_stage} and trainer.sharding={requested}: only "
-                "ZeRO-2 is supported (recipes/accelerate/zero2.yaml). ZeRO-3 would release the embedding "
-                "matrix the learner reads outside a module's forward; for sharded parameters launch with "
-                "recipes/accelerate/fsdp2.yaml"
+                f"accelerate DeepSpeed launch with zero_stage={zero_stage} and trainer.sharding={requested}: the "
+                "trainer runs ZeRO stages 2 and 3 (recipes/accelerate/zero2.yaml, zero3.yaml) with "
+                "trainer.sharding=auto or the launch's own stage"
             )
-        requested = "zero2"
+        requested = stage
     if requested == "auto":
         requested = "fsdp2" if distributed_type == "FSDP" else "none"
     return requested if world > 1 else "none"
@@ -221,10 +233,10 @@ class Trainer:
         kind = str(self.dist.distributed_type).rsplit(".", 1)[-1]
         zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         self.sharding = resolve_sharding(kind, cfg.trainer.sharding, self.world, zero_stage)
-        if self.sharding == "zero2" and cfg.rl.micro_batch:
+        if self.sharding.startswith("zero") and cfg.rl.micro_batch:
             raise ValueError(
-                f"rl.micro_batch={cfg.rl.micro_batch}: zero2 sharding runs one backward per optimizer step; "
-                "use rl.micro_batch=0"
+                f"rl.micro_batch={cfg.rl.micro_batch}: {self.sharding} sharding runs one backward per optimizer "
+                "step; use rl.micro_batch=0"
             )
         self.main = self.dist.is_main_process
         if cfg.trainer.prompts_per_step % self.world:
@@ -236,7 +248,12 @@ class Trainer:
         seed_everything(cfg.trainer.seed)
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.model.train()
+        emb = input_embedding_matrix(self.model)  # whole on every process until sharding starts
+        rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
         self.layers = shard_decoder_layers(self.model) if self.sharding == "fsdp2" else []
+        self.copy = GenerationCopy(self.model) if self.sharding == "zero3" else None
+        if self.copy is not None:
+            prepare_zero3(self.model)
         self.ref = None
         if cfg.rl.loss.kl_coef > 0:
             self.ref, _ = load_policy(cfg.model, self.device)
@@ -249,13 +266,17 @@ class Trainer:
             init_deepspeed(
                 self.model,
                 self.opt,
-                deepspeed_config(cfg.rl.optim.grad_clip, next(self.model.parameters()).dtype),
+                deepspeed_config(
+                    int(self.sharding[-1]),
+                    cfg.rl.optim.grad_clip,
+                    next(self.model.parameters()).dtype,
+                    cfg.trainer.zero3_persistence_threshold,
+                ),
             )
-            if self.sharding == "zero2"
+            if self.sharding.startswith("zero")
             else None
         )
-        emb = input_embedding_matrix(self.model)
-        rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
+        self.local_param_fraction = local_param_fraction(self.model)
         self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
         self.state.reward_status = dict.fromkeys(STATUSES, 0)
         self.train_problems = load_problems(cfg.data, cfg.data.train_split)
@@ -276,15 +297,23 @@ class Trainer:
         if not found:
             return None
         self.state = load_checkpoint(
-            found[-1], self.model, self.opt, self.sched, sharded=bool(self.layers), engine=self.engine
+            found[-1], self.model, self.opt, self.sched, sharding=self.sharding, engine=self.engine
         )
+        if self.copy is not None:
+            self.copy.mark_stale()
         if self.main:
             print(f"[softgrpo] resumed from {found[-1]} (step {self.state.step})", flush=True)
         return found[-1]
 
-    def gathered(self) -> Any:
-        """Full decoder-layer parameters for generation under fsdp2 (collective); a no-op otherwise."""
-        return gathered(self.layers) if self.layers else nullcontext()
+    @contextmanager
+    def generation_policy(self) -> Iterator[torch.nn.Module]:
+        """The whole policy to generate with, for the duration (collective: every process enters it): the model
+        itself, with its decoder layers gathered under fsdp2, or under zero3 the refreshed `GenerationCopy`."""
+        if self.copy is not None:
+            yield self.copy.refreshed(self.model)
+            return
+        with gathered(self.layers) if self.layers else nullcontext():
+            yield self.model
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True  # finish the current step, checkpoint, exit (see run())
@@ -303,10 +332,10 @@ class Trainer:
                 chunk_seed(tcfg.seed, step, self.rank * share + lo)
             )
             self.model.eval()
-            with torch.no_grad(), self.gathered():
+            with torch.no_grad(), self.generation_policy() as policy:
                 parts.append(
                     generate(
-                        self.model,
+                        policy,
                         encode_prompts(self.tokenizer, [p.question for p in chunk], self.cfg.model.prompt),
                         self.cfg.cot,
                         group_size=self.cfg.rl.group_size,
@@ -429,6 +458,8 @@ class Trainer:
             return StepResult(grad_norm=float("nan"), skipped=True, lr=lr)
         self.engine.backward(loss * self.world)
         self.engine.step()
+        if self.copy is not None:
+            self.copy.mark_stale()
         norm = self.engine.get_global_grad_norm()
         return StepResult(grad_norm=float("nan") if norm is None else float(norm), skipped=False, lr=lr)
 
@@ -449,9 +480,11 @@ class Trainer:
         return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, ModeSummary]:
-        """Evaluate the current policy in each named inference mode (main process only: evaluation is cheap
-        next to training and its numbers must not depend on the process count)."""
+    def evaluate(
+        self, policy: torch.nn.Module, modes: list[str], pool: RewardPool, tag: str
+    ) -> dict[str, ModeSummary]:
+        """Evaluate `policy` (from `generation_policy`) in each named inference mode (main process only:
+        evaluation is cheap next to training and its numbers must not depend on the process count)."""
         from rl.config import load_infer_recipe
 
         tcfg = self.cfg.trainer
@@ -460,7 +493,7 @@ class Trainer:
             infer = load_infer_recipe(name, self.cfg.cot)
             sigma = self.sigma_for(infer, self.state.rms)
             _, summary = evaluate_mode(
-                self.model,
+                policy,
                 self.tokenizer,
                 self.eval_problems,
                 infer,
@@ -497,9 +530,9 @@ class Trainer:
         try:
             with RewardPool(cfg.reward) as pool:
                 if "eval_before" not in summary:
-                    with self.gathered():  # every process; only the main one evaluates
+                    with self.generation_policy() as policy:  # every process; only the main one evaluates
                         if self.main:
-                            summary["eval_before"] = self._eval_block(tcfg.eval_modes, pool, "before")
+                            summary["eval_before"] = self._eval_block(policy, tcfg.eval_modes, pool, "before")
                             summary_path.write_text(json.dumps(summary, indent=2))
                 bar = tqdm(total=tcfg.max_steps, initial=self.state.step, desc="train", disable=not self.main)
                 while self.state.step < tcfg.max_steps and not self._stop:
@@ -514,9 +547,9 @@ class Trainer:
                         and step % tcfg.eval_every == 0
                         and step < tcfg.max_steps
                     ):
-                        with self.gathered():
+                        with self.generation_policy() as policy:
                             if self.main:
-                                evals = self.evaluate([tcfg.eval_primary], pool, f"step {step}")
+                                evals = self.evaluate(policy, [tcfg.eval_primary], pool, f"step {step}")
                                 logger.log(
                                     evals[tcfg.eval_primary].flat(f"eval/{tcfg.eval_primary}"), step=step
                                 )
@@ -530,9 +563,9 @@ class Trainer:
                     )
                     raise SystemExit(143)
                 self.checkpoint()
-                with self.gathered():
+                with self.generation_policy() as policy:
                     if self.main:
-                        summary["eval_after"] = self._eval_block(tcfg.eval_modes, pool, "after")
+                        summary["eval_after"] = self._eval_block(policy, tcfg.eval_modes, pool, "after")
                 final_state = self._full_state(with_optimizer=False)[0]
                 if self.main:
                     summary["train"] = {
@@ -543,9 +576,10 @@ class Trainer:
                         "reward_status": self.state.reward_status,
                         "processes": self.world,
                         "sharding": self.sharding,
+                        "local_param_fraction": self.local_param_fraction,
                     }
                     summary_path.write_text(json.dumps(summary, indent=2))
-                    self.model.save_pretrained(self.out / "final", state_dict=final_state)
+                    self._saveable().save_pretrained(self.out / "final", state_dict=final_state)
                     self.tokenizer.save_pretrained(self.out / "final")
                     self._plot(summary)
         finally:
@@ -553,12 +587,14 @@ class Trainer:
             logger.close()
         return summary
 
-    def _eval_block(self, modes: list[str], pool: RewardPool, tag: str) -> dict[str, Any]:
+    def _eval_block(
+        self, policy: torch.nn.Module, modes: list[str], pool: RewardPool, tag: str
+    ) -> dict[str, Any]:
         if not modes:  # evaluation switched off (trainer.eval_modes=[])
             return {"primary": None, "pass@1": None, "pass@k": {}}
         primary = self.cfg.trainer.eval_primary
         ordered = [primary] + [m for m in modes if m != primary]
-        results = self.evaluate(ordered, pool, tag)
+        results = self.evaluate(policy, ordered, pool, tag)
         block: dict[str, Any] = {"primary": primary}
         for name, s in results.items():
             block[name] = {
@@ -588,11 +624,19 @@ class Trainer:
         plot_pass_at_k(curves, self.out / "passk.png", title="held-out pass@k, before vs after")
 
     def _full_state(self, with_optimizer: bool = True) -> tuple[dict | None, dict | None]:
-        """Whole model (and optimizer) state dicts gathered from fsdp2 shards (collective); (None, None) when
-        nothing is sharded (the checkpoint code then reads the live model and optimizer)."""
+        """Whole model (and optimizer) state dicts gathered from fsdp2 shards, or under zero3 the whole weights
+        of the refreshed generation copy (its AdamW state is in DeepSpeed's checkpoint); collective. (None, None)
+        when nothing is sharded: the checkpoint code then reads the live model and optimizer."""
+        if self.copy is not None:
+            return self.copy.refreshed(self.model).state_dict(), None
         if not self.layers:
             return None, None
         return full_state_dicts(self.model, self.opt if with_optimizer else None)
+
+    def _saveable(self) -> torch.nn.Module:
+        """The module whose `save_pretrained` writes the policy: the model, or under zero3 its whole generation
+        copy (refreshed by `_full_state`, which the callers run first)."""
+        return self.copy.module if self.copy is not None else self.model
 
     def checkpoint(self) -> None:
         if self.world > 1:
@@ -607,12 +651,13 @@ class Trainer:
         if self.main:
             save_checkpoint(
                 self.out / "checkpoints",
-                self.model,
+                self._saveable(),
                 self.tokenizer,
                 self.opt,
                 self.sched,
                 self.state,
                 self.cfg.trainer.keep_last,
+                sharding=self.sharding,
                 model_state=model_state,
                 optimizer_state=optimizer_state,
                 extra_dirs=extra,
@@ -642,30 +687,51 @@ class Trainer:
         return step_stats(sample, loss_part, self.cfg.rl.advantages, skipped, time.time() - start)
 
 
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """Σ value·weight / Σ weight over (value, weight) pairs; 0 when the weights sum to 0."""
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else 0.0
+
+
 def loss_stats(outs: list, new_all: list, grad_norm: float, lr: float) -> dict[str, float]:
     """Loss statistics of one update from the micro-batches' `LossOutput`s: terms are summed (each was
-    already divided by the global normaliser), per-step means are weighted by each micro-batch's step count."""
-
-    def mean(name: str, weight: str) -> float:
-        w = sum(getattr(o, weight) for o in outs)
-        return sum(getattr(o, name) * getattr(o, weight) for o in outs) / w if w else 0.0
-
-    steps = sum(o.num_cot_steps + o.num_answer_steps for o in outs)
-    clipped = sum(o.clip_fraction * (o.num_cot_steps + o.num_answer_steps) for o in outs)
+    already divided by the global normaliser), per-step means are weighted by each micro-batch's step count.
+    The step counts behind each mean ride along under `count/...` (see `MEAN_WEIGHTS`), so that
+    `merge_loss_stats` can weight processes the same way."""
+    cot_steps = [int(new.cot_mask.sum()) for _, new in new_all]
+    answer_steps = [int(new.answer_mask.sum()) for _, new in new_all]
     gaps = [log_prob_gap(part, new) for part, new in new_all]
     return {
         "noise_ratio": noise_ratio(new_all),
         "loss": sum(float(o.loss.detach()) for o in outs),
         "cot_term": sum(o.cot_term for o in outs),
         "answer_term": sum(o.answer_term for o in outs),
-        "clip_fraction": clipped / steps if steps else 0.0,
-        "kl_cot": mean("kl_cot", "num_cot_steps"),
-        "kl_answer": mean("kl_answer", "num_answer_steps"),
-        "gap_cot": sum(g.cot for g in gaps) / len(gaps),
-        "gap_answer": sum(g.answer for g in gaps) / len(gaps),
+        "clip_fraction": _weighted_mean(
+            [(o.clip_fraction, o.num_cot_steps + o.num_answer_steps) for o in outs]
+        ),
+        "kl_cot": _weighted_mean([(o.kl_cot, o.num_cot_steps) for o in outs]),
+        "kl_answer": _weighted_mean([(o.kl_answer, o.num_answer_steps) for o in outs]),
+        "gap_cot": _weighted_mean([(g.cot, n) for g, n in zip(gaps, cot_steps, strict=True)]),
+        "gap_answer": _weighted_mean([(g.answer, n) for g, n in zip(gaps, answer_steps, strict=True)]),
         "grad_norm": grad_norm,
         "lr": lr,
+        "count/scored_cot": float(sum(cot_steps)),
+        "count/scored_answer": float(sum(answer_steps)),
+        "count/loss_cot": float(sum(o.num_cot_steps for o in outs)),
+        "count/loss_answer": float(sum(o.num_answer_steps for o in outs)),
+        "count/loss_all": float(sum(o.num_cot_steps + o.num_answer_steps for o in outs)),
     }
+
+
+MEAN_WEIGHTS = {
+    "noise_ratio": "count/scored_cot",
+    "gap_cot": "count/scored_cot",
+    "gap_answer": "count/scored_answer",
+    "kl_cot": "count/loss_cot",
+    "kl_answer": "count/loss_answer",
+    "clip_fraction": "count/loss_all",
+}
+"""Per-step means of `loss_stats` and the step count each one averages over."""
 
 
 LOSS_FIELDS = (
@@ -753,20 +819,25 @@ def step_stats(
 
 
 def merge_loss_stats(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Loss statistics of all processes: the loss terms add up (each process's part of the global objective);
-    grad norm, lr and the skip flag are already global; per-step means are averaged (equal shares per process).
+    """Loss statistics of all processes, as one process holding the whole batch would compute them: the loss
+    terms and step counts add up (each process's part of the global objective); grad norm, lr and the skip flag
+    are already global; per-step means are weighted by each process's step count (`MEAN_WEIGHTS`); anything
+    else (the CoT-term gradient norm each process measures on its own share) is averaged.
 
-    >>> merge_loss_stats([{"loss": 1.0, "gap_cot": 0.2, "lr": 0.1}, {"loss": 2.0, "gap_cot": 0.4, "lr": 0.1}])
-    {'loss': 3.0, 'gap_cot': 0.30000000000000004, 'lr': 0.1}
+    >>> merge_loss_stats([{"gap_cot": 0.25, "count/scored_cot": 1.0, "lr": 0.1},
+    ...                   {"gap_cot": 0.625, "count/scored_cot": 2.0, "lr": 0.1}])
+    {'gap_cot': 0.5, 'count/scored_cot': 3.0, 'lr': 0.1}
     """
     summed, shared = ("loss", "cot_term", "answer_term"), ("grad_norm", "lr", "skipped")
     out = {}
     for key in parts[0]:
         values = [p[key] for p in parts]
-        if key in summed:
+        if key in summed or key.startswith("count/"):
             out[key] = sum(values)
         elif key in shared:
             out[key] = values[0]
+        elif key in MEAN_WEIGHTS:
+            out[key] = _weighted_mean([(p[key], p[MEAN_WEIGHTS[key]]) for p in parts])
         else:
             out[key] = sum(values) / len(values)
     return out

@@ -101,15 +101,34 @@ def _load_final_from(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-@pytest.mark.parametrize("sharding", ["none", "fsdp2", "zero2"])
+def expected_local_fraction(base: dict[str, torch.Tensor], sharding: str) -> float:
+    """Parameter elements process 0 of 2 holds, derived from the shapes: fsdp2 splits each decoder-layer tensor
+    along dim 0 (process 0 takes ceil(d0 / 2) rows) and replicates the rest; zero3 with persistence threshold 0
+    gives every tensor a flat partition of ceil(n / 2) elements; none and zero2 replicate everything."""
+    total = sum(t.numel() for t in base.values())
+    if sharding == "fsdp2":
+        held = sum(
+            -(-t.shape[0] // 2) * (t.numel() // t.shape[0]) if ".layers." in k else t.numel()
+            for k, t in base.items()
+        )
+    elif sharding == "zero3":
+        held = sum(-(-t.numel() // 2) for t in base.values())
+    else:
+        held = total
+    return held / total
+
+
+@pytest.mark.parametrize("sharding", ["none", "fsdp2", "zero2", "zero3"])
 def test_two_processes_equal_one(tiny_base: Path, tmp_path: Path, sharding: str) -> None:
     """`accelerate launch` with 2 CPU processes and the same global batch gives the 1-process parameters, with
     replicated parameters, with fsdp2-sharded decoder layers (sum-reduce-scattered gradients, sharded AdamW
-    state, whole checkpoint and final model gathered) and with DeepSpeed ZeRO-2 (partitioned gradients and AdamW
-    state, DeepSpeed's own reduction and clipping)."""
+    state, whole checkpoint and final model gathered), with DeepSpeed ZeRO-2 (partitioned gradients and AdamW
+    state, DeepSpeed's own reduction and clipping) and with ZeRO-3 (every parameter partitioned too: persistence
+    threshold 0; generation on the refreshed whole copy, the learner's head and E gathered by DeepSpeed)."""
     common = small_run(
-        tiny_base, tmp_path, "trainer.max_steps=2", "trainer.device=cpu", f"trainer.sharding={sharding}"
-    )
+        tiny_base, tmp_path, "trainer.max_steps=2", "trainer.device=cpu", f"trainer.sharding={sharding}",
+        "trainer.zero3_persistence_threshold=0",
+    )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "scripts/train.py", *[a for a in common if not a.startswith("output_dir")],
            f"output_dir={tmp_path / 'one'}"]  # fmt: skip
@@ -123,25 +142,46 @@ def test_two_processes_equal_one(tiny_base: Path, tmp_path: Path, sharding: str)
     base = _load_final_from(tiny_base)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["train"]["processes"] == 2 and summary["train"]["sharding"] == sharding
+    assert summary["train"]["local_param_fraction"] == pytest.approx(expected_local_fraction(base, sharding))
     # Same rollouts (randomness keyed by step and prompt index) and the same global normaliser, so the summed
-    # gradients agree to float32 rounding (the logged grad norms below agree to 1e-5). Adam then divides each
-    # gradient entry by its own RMS: on entries whose gradient is near zero, rounding noise becomes a visible
-    # fraction of the update, but never more than the update itself (|Δθ| <= lr per step). Hence: every entry
-    # within 1% of the total possible movement (2 steps x lr), and the two runs' updates nearly identical overall.
+    # gradients agree to float32 rounding (the logged grad norms below agree to 1e-5; dumped gradients agreed to
+    # 3e-6 of each tensor's largest entry under zero2 and zero3). Adam's first step moves an entry by
+    # lr·g/(|g| + eps) ≈ ±lr, so an entry whose gradient is within rounding of zero may move anywhere in [-lr, lr]
+    # in either run: float32 agreement bounds no single entry beyond the possible movement (2 steps × lr). It does
+    # bound how many such entries there are and the updates overall. Hence: no entry beyond the possible
+    # movement, at most 1 entry in 1e5 beyond 1% of it (measured: 0 to 1 of 1.16M), and per tensor the two runs'
+    # updates identical to 1e-4 of their size (measured: at most 5e-6).
     lr, steps = 1e-3, 2
     moved = 0.0
+    outliers = entries = 0
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0.01 * lr * steps, msg=name)
-        moved += float((a[name] - base[name]).abs().sum())
-        diff = float((a[name] - b[name]).abs().sum())
-        assert diff <= 1e-3 * float((a[name] - base[name]).abs().sum()) + 1e-9, name
+        diff = (a[name] - b[name]).abs()
+        assert float(diff.max()) <= lr * steps, name
+        outliers += int((diff > 0.01 * lr * steps).sum())
+        entries += diff.numel()
+        moved_here = float((a[name] - base[name]).abs().sum())
+        moved += moved_here
+        assert float(diff.sum()) <= 1e-4 * moved_here + 1e-9, name
+    assert outliers <= entries // 100_000, (
+        f"{outliers} of {entries} entries differ by > 1% of the possible movement"
+    )
     assert moved > 0, "the runs did not update the model: the comparison would be vacuous"
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for x, y in zip(one, two, strict=True):  # metrics describe the global batch in both runs
         # step 1 rolls out from identical parameters; step 2 from parameters equal to Adam rounding (above)
         rel = 1e-6 if x["step"] == 1 else 1e-4
-        for key in ("reward_mean", "reward_std", "cot_len", "answer_len", "adv_abs_mean", "cot_entropy"):
+        # noise_ratio: a per-step mean over the learner's μ, merged across processes weighted by step counts
+        keys = (
+            "reward_mean",
+            "reward_std",
+            "cot_len",
+            "answer_len",
+            "adv_abs_mean",
+            "cot_entropy",
+            "noise_ratio",
+        )
+        for key in keys:
             assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-9), key
         assert x["grad_norm"] == pytest.approx(
             y["grad_norm"], rel=1e-4
@@ -168,11 +208,12 @@ def test_sigterm_writes_a_checkpoint_then_exits(tiny_base: Path, tmp_path: Path)
     assert saved[0].name == f"step_{steps:06d}"  # the checkpoint holds every step that was logged
 
 
-@pytest.mark.parametrize("sharding", ["fsdp2", "zero2"])
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero2", "zero3"])
 def test_sharded_resume_equals_straight_run(tiny_base: Path, tmp_path: Path, sharding: str) -> None:
     """Sharded, 2 processes: 3 steps straight == 2 steps, a stop, a resume, 1 more step. fsdp2 resumes from the
-    gathered checkpoint (whole weights and name-keyed AdamW state loaded back into the shards); zero2 from
-    DeepSpeed's engine checkpoint (float32 master weights and each process's AdamW partition)."""
+    gathered checkpoint (whole weights and name-keyed AdamW state loaded back into the shards); zero2 and zero3
+    from DeepSpeed's engine checkpoint (float32 master weights and each process's AdamW partition; under zero3
+    the parameter partitions too, and the generation copy is refreshed from them)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out: Path, *extra: str) -> None:
@@ -182,6 +223,7 @@ def test_sharded_resume_equals_straight_run(tiny_base: Path, tmp_path: Path, sha
             out,
             "trainer.device=cpu",
             f"trainer.sharding={sharding}",
+            "trainer.zero3_persistence_threshold=0",
             "rl.optim.min_lr_ratio=1.0",
             *extra,
         )

@@ -4,6 +4,7 @@ plus the global loss normaliser that makes micro-batched / multi-process updates
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from rewards import Result
 from rl.advantages import AdvantageConfig, compute_advantages
 from rl.logprobs import SequenceLogProbs
 from rl.loss import LossConfig, LossOutput, loss_normalizer, policy_loss
-from rl.trainer import StepSample, StepStats, loss_stats, noise_ratio, step_stats
+from rl.trainer import StepSample, StepStats, loss_stats, merge_loss_stats, noise_ratio, step_stats
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
 
@@ -157,6 +158,35 @@ def test_loss_stats_weights_micro_batches_by_their_step_counts() -> None:
     assert (stats["grad_norm"], stats["lr"]) == (3.0, 1e-5)
 
 
+def test_merged_process_stats_equal_the_stats_of_the_whole_batch() -> None:
+    """Two processes with different step counts: merging their `loss_stats` gives what one process holding both
+    micro-batches computes (per-step means weighted by steps, not averaged per process)."""
+    mu = torch.zeros(4, 3, 2)
+    mu[..., 0] = 2.0
+    h_quiet, h_loud = mu.clone(), mu.clone()
+    h_quiet[..., 1] = 1.0  # noise ratio 1/2
+    h_loud[..., 1] = 4.0  # noise ratio 2
+    first = _scored(h_quiet, mu, behaviour=-1.0, learner=-1.25)  # gaps 0.25
+    second = _scored(h_loud, mu, behaviour=-1.0, learner=-2.0)  # gaps 1.0
+    second[1].cot_mask[:, 2] = False  # fewer scored CoT steps on the second process: 5 against 6
+    out_a = _out(0.5, 2, 2, kl_cot=0.1, kl_ans=0.2, loss=0.3)
+    out_b = _out(0.0, 6, 3, kl_cot=0.4, kl_ans=0.1, loss=-0.1)
+    whole = loss_stats([out_a, out_b], [first, second], grad_norm=3.0, lr=1e-5)
+    merged = merge_loss_stats(
+        [
+            {**loss_stats([out_a], [first], grad_norm=3.0, lr=1e-5), "cot_grad_norm": 1.0},
+            {**loss_stats([out_b], [second], grad_norm=3.0, lr=1e-5), "cot_grad_norm": 3.0},
+        ]
+    )
+    for key, value in whole.items():
+        assert merged[key] == pytest.approx(value), key
+    # by hand: noise ratio (0.5 * 6 + 2 * 5) / 11; CoT gap (0.25 * 6 + 1 * 5) / 11; KL (0.1 * 2 + 0.4 * 6) / 8
+    assert merged["noise_ratio"] == pytest.approx(13 / 11) and merged["gap_cot"] == pytest.approx(6.5 / 11)
+    assert merged["kl_cot"] == pytest.approx(2.6 / 8) and merged["kl_answer"] == pytest.approx(0.7 / 5)
+    assert merged["clip_fraction"] == pytest.approx(2 / 13) and merged["loss"] == pytest.approx(0.2)
+    assert merged["cot_grad_norm"] == 2.0  # each process measures its own share: averaged
+
+
 def test_noise_ratio_is_zero_for_hard_cot() -> None:
     r, new = _scored(torch.zeros(4, 3, 2), torch.ones(4, 3, 2), 0.0, 0.0)
     new.mu = None
@@ -238,40 +268,79 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
 
 
 @pytest.mark.parametrize(
-    "kind,requested,world,expected",
+    "kind,requested,world,stage,expected",
     [
-        ("FSDP", "auto", 2, "fsdp2"),  # the fsdp2.yaml launch selects it
-        ("DEEPSPEED", "auto", 2, "zero2"),  # zero2.yaml (ACCELERATE_DEEPSPEED_ZERO_STAGE=2)
-        ("MULTI_CPU", "zero2", 2, "zero2"),  # cpu2.yaml + trainer.sharding=zero2
-        ("MULTI_GPU", "auto", 2, "none"),
-        ("MULTI_CPU", "fsdp2", 2, "fsdp2"),  # cpu2.yaml + trainer.sharding=fsdp2
-        ("FSDP", "auto", 1, "none"),  # one process: nothing to shard with
-        ("NO", "none", 1, "none"),
+        ("FSDP", "auto", 2, None, "fsdp2"),  # the fsdp2.yaml launch selects it
+        ("DEEPSPEED", "auto", 2, "2", "zero2"),  # zero2.yaml (ACCELERATE_DEEPSPEED_ZERO_STAGE=2)
+        ("DEEPSPEED", "auto", 2, "3", "zero3"),  # zero3.yaml
+        ("DEEPSPEED", "zero3", 2, "3", "zero3"),
+        ("MULTI_CPU", "zero2", 2, None, "zero2"),  # cpu2.yaml + trainer.sharding=zero2
+        ("MULTI_CPU", "zero3", 2, None, "zero3"),  # cpu2.yaml + trainer.sharding=zero3
+        ("MULTI_GPU", "auto", 2, None, "none"),
+        ("MULTI_CPU", "fsdp2", 2, None, "fsdp2"),  # cpu2.yaml + trainer.sharding=fsdp2
+        ("FSDP", "auto", 1, None, "none"),  # one process: nothing to shard with
+        ("DEEPSPEED", "auto", 1, "3", "none"),
+        ("NO", "none", 1, None, "none"),
     ],
 )
-def test_resolve_sharding(kind: str, requested: str, world: int, expected: str) -> None:
+def test_resolve_sharding(kind: str, requested: str, world: int, stage: str | None, expected: str) -> None:
     from rl.trainer import resolve_sharding
 
-    assert resolve_sharding(kind, requested, world, zero_stage="2") == expected
+    assert resolve_sharding(kind, requested, world, zero_stage=stage) == expected
 
 
-@pytest.mark.parametrize("stage,requested", [("3", "auto"), ("1", "auto"), (None, "auto"), ("2", "fsdp2")])
+@pytest.mark.parametrize(
+    "stage,requested", [("1", "auto"), (None, "auto"), ("2", "fsdp2"), ("3", "zero2"), ("2", "zero3")]
+)
 def test_other_deepspeed_launches_are_refused_with_the_alternatives_named(stage, requested) -> None:
+    """ZeRO-1 (or a launch without a stage) and a sharding that contradicts the launch's stage fail at start."""
     from rl.trainer import resolve_sharding
 
-    with pytest.raises(NotImplementedError, match=r"only ZeRO-2 is supported(.|\n)*fsdp2.yaml"):
+    with pytest.raises(NotImplementedError, match=r"ZeRO stages 2 and 3(.|\n)*zero2.yaml, zero3.yaml"):
         resolve_sharding("DEEPSPEED", requested, 8, zero_stage=stage)
 
 
 def test_deepspeed_config_maps_the_optimizer_settings() -> None:
     from rl.sharding import deepspeed_config
 
-    cfg = deepspeed_config(0.5, torch.bfloat16)
+    cfg = deepspeed_config(2, 0.5, torch.bfloat16)
     # one backward and one engine step per trainer step; DeepSpeed clips; bf16 keeps float32 master weights
     assert cfg["train_micro_batch_size_per_gpu"] == 1 and cfg["gradient_accumulation_steps"] == 1
     assert cfg["zero_optimization"] == {"stage": 2} and cfg["gradient_clipping"] == 0.5
     assert cfg["bf16"] == {"enabled": True}
-    plain = deepspeed_config(0.0, torch.float32)
+    plain = deepspeed_config(2, 0.0, torch.float32)
     assert "gradient_clipping" not in plain and "bf16" not in plain
-    with pytest.raises(ValueError, match="float16"):
-        deepspeed_config(1.0, torch.float16)
+    # stage 3: the persistence threshold is passed through; DeepSpeed does not gather weights to save them (the
+    # trainer saves its whole generation copy)
+    zero3 = deepspeed_config(3, 1.0, torch.float32, persistence_threshold=0)["zero_optimization"]
+    assert zero3 == {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    }
+    for stage, dtype in ((2, torch.float16), (3, torch.float16)):
+        with pytest.raises(ValueError, match=f"zero{stage} sharding with a float16"):
+            deepspeed_config(stage, 1.0, dtype)
+    with pytest.raises(ValueError, match="stage 1"):
+        deepspeed_config(1, 1.0, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [("ddp.yaml", "none"), ("fsdp2.yaml", "fsdp2"), ("zero2.yaml", "zero2"), ("zero3.yaml", "zero3")],
+)
+def test_accelerate_launch_configs_select_their_sharding(config: str, expected: str) -> None:
+    """What `accelerate launch --config_file recipes/accelerate/<config>` hands the trainer: its distributed type
+    and (DeepSpeed) ZeRO stage, which `trainer.sharding=auto` turns into the sharding the file's comment names."""
+    from omegaconf import OmegaConf
+
+    from rl.trainer import resolve_sharding
+
+    launch = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / config)
+    stage = launch.get("deepspeed_config", {}).get("zero_stage")
+    world = launch["num_processes"]
+    assert world > 1
+    assert (
+        resolve_sharding(launch["distributed_type"], "auto", world, None if stage is None else str(stage))
+        == expected
+    )
