@@ -75,3 +75,37 @@ def aggregate_pass_at_k(rewards_per_problem: Sequence[Sequence[float | None]], k
         skipped[k] = len(per_problem) - len(judged)
         values[k] = sum(judged) / len(judged) if judged else float("nan")
     return PassAtK(values=values, problems=problems, skipped=skipped)
+
+
+@dataclass(frozen=True)
+class PairedLift:
+    """after - before of a per-problem score over the problems judged in both evaluations, with the standard
+    error of that mean (sample standard deviation of the per-problem differences / sqrt(problems)). Pairing by
+    problem removes the spread of problem difficulty from the error, which an unpaired comparison keeps."""
+
+    mean: float
+    se: float
+    problems: int
+
+
+def paired_lift(before: Sequence[float | None], after: Sequence[float | None]) -> PairedLift:
+    """The paired lift of per-problem scores (e.g. pass@1 = c/n), problem i of `before` against problem i of
+    `after`; problems unjudged (None) in either are left out. Fewer than 2 paired problems: se is NaN.
+
+    >>> lift = paired_lift([0.0, 0.5, 1.0, None], [0.5, 0.5, 1.0, 1.0])  # diffs 0.5, 0, 0: mean 1/6
+    >>> lift.problems, round(lift.mean * 6, 12), round(lift.se * 6, 12)  # variance (1/9+1/36+1/36)/2 = 1/12
+    (3, 1.0, 1.0)
+    """
+    if len(before) != len(after):
+        raise ValueError(
+            f"paired_lift: {len(before)} problems before, {len(after)} after; pair them by problem"
+        )
+    diffs = [a - b for b, a in zip(before, after, strict=True) if a is not None and b is not None]
+    m = len(diffs)
+    if m == 0:
+        return PairedLift(float("nan"), float("nan"), 0)
+    mean = sum(diffs) / m
+    if m < 2:
+        return PairedLift(mean, float("nan"), m)
+    variance = sum((d - mean) ** 2 for d in diffs) / (m - 1)
+    return PairedLift(mean, (variance / m) ** 0.5, m)

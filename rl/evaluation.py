@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rewards import RewardPool, aggregate_pass_at_k, status_counts
+from rewards import RewardPool, aggregate_pass_at_k, pass_at_k_per_problem, status_counts
 from rl.data import Problem
 from rl.prompts import PromptConfig, encode_prompts
 from rollouts.config import CotConfig
@@ -39,6 +39,7 @@ class ModeSummary:
     sigma: float
     seconds: float
     rollouts_per_s: float  # generated rollouts per second
+    per_problem_pass1: list[float | None]  # c/n per problem, in problem order (None: no sample judged)
 
     def flat(self, prefix: str) -> dict[str, float]:
         """Scalar metrics for logging: `{prefix}/pass@1`, ..."""
@@ -160,7 +161,8 @@ def evaluate_mode(
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    table = aggregate_pass_at_k([[s["reward"] for s in row["samples"]] for row in rows], powers_of_two(n))
+    per_problem = [[s["reward"] for s in row["samples"]] for row in rows]
+    table = aggregate_pass_at_k(per_problem, powers_of_two(n))
     seconds = time.time() - start
     summary = ModeSummary(
         mode=infer.name,
@@ -174,6 +176,7 @@ def evaluate_mode(
         sigma=sigma,
         seconds=round(seconds, 2),
         rollouts_per_s=round(generated / seconds, 2),
+        per_problem_pass1=[pass_at_k_per_problem(r, 1) for r in per_problem],
     )
     return rows, summary
 

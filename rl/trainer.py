@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from rewards import STATUSES, RewardPool, combine_rewards, format_reward
+from rewards import STATUSES, RewardPool, combine_rewards, format_reward, paired_lift
 from rl.advantages import AdvantageConfig, compute_advantages
 from rl.checkpoint import DEEPSPEED_TAG, TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
 from rl.data import Problem, load_problems
@@ -565,7 +565,9 @@ class Trainer:
                 self.checkpoint()
                 with self.generation_policy() as policy:
                     if self.main:
-                        summary["eval_after"] = self._eval_block(policy, tcfg.eval_modes, pool, "after")
+                        summary["eval_after"] = self._eval_block(
+                            policy, tcfg.eval_modes, pool, "after", before=summary["eval_before"]
+                        )
                 final_state = self._full_state(with_optimizer=False)[0]
                 if self.main:
                     summary["train"] = {
@@ -588,8 +590,15 @@ class Trainer:
         return summary
 
     def _eval_block(
-        self, policy: torch.nn.Module, modes: list[str], pool: RewardPool, tag: str
+        self,
+        policy: torch.nn.Module,
+        modes: list[str],
+        pool: RewardPool,
+        tag: str,
+        before: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Evaluate every mode in `modes` (the primary first) into a summary block. With `before` (the block of
+        an earlier evaluation of the same problems), each mode also gets its paired pass@1 lift over it."""
         if not modes:  # evaluation switched off (trainer.eval_modes=[])
             return {"primary": None, "pass@1": None, "pass@k": {}}
         primary = self.cfg.trainer.eval_primary
@@ -603,7 +612,17 @@ class Trainer:
                 "cot_len": s.mean_cot_len,
                 "answer_len": s.mean_answer_len,
                 "think_end": s.think_end,
+                "per_problem_pass@1": s.per_problem_pass1,
             }
+            earlier = before.get(name, {}).get("per_problem_pass@1") if before else None
+            if earlier is not None:
+                lift = paired_lift(earlier, s.per_problem_pass1)
+                block[name]["lift_pass@1"] = asdict(lift)
+                print(
+                    f"[softgrpo] {name}: pass@1 {before[name]['pass@1']:.3f} -> {s.pass_at[1]:.3f}, lift "
+                    f"{lift.mean:+.3f} ± {lift.se:.3f} (paired standard error over {lift.problems} problems)",
+                    flush=True,
+                )
         block["pass@1"] = block[primary]["pass@1"]
         block["pass@k"] = {k: v for k, v in block[primary].items() if k.startswith("pass@")}
         return block

@@ -43,6 +43,7 @@ def main(raw) -> None:
                     "primary_mode": primary,
                     "heldout_pass@1_before": before["pass@1"],
                     "heldout_pass@1_after": after["pass@1"],
+                    "lift_pass@1": after.get(primary, {}).get("lift_pass@1") if primary else None,
                     "before": before["pass@k"],
                     "after": after["pass@k"],
                 }

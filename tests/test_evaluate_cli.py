@@ -44,6 +44,7 @@ def test_evaluate_writes_samples_summary_and_plot(tiny_base: Path, tmp_path: Pat
     correct = [sum(s["reward"] for s in row["samples"]) for row in rows]
     assert summary["pass@1"] == pytest.approx(sum(c / 4 for c in correct) / 12)
     assert summary["pass@4"] == pytest.approx(sum(c > 0 for c in correct) / 12)
+    assert summary["per_problem_pass1"] == pytest.approx([c / 4 for c in correct])  # in row order
     assert sum(summary["think_end"].values()) == 48
     assert (out / "passk.png").stat().st_size > 1000 and (out / "config.yaml").exists()
     if mode == "hard_greedy":  # greedy: the n samples of a problem are identical

@@ -4,6 +4,7 @@ run resumes to exactly the uninterrupted result, 2 processes equal 1, and SIGTER
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -187,6 +188,46 @@ def test_two_processes_equal_one(tiny_base: Path, tmp_path: Path, sharding: str)
             y["grad_norm"], rel=1e-4
         )  # step 2 starts from Adam-rounded params
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-7)
+
+
+def test_summary_holds_every_mode_before_and_after_with_the_paired_lift(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """summary.json: eval_before / eval_after with pass@1 and pass@k of the primary mode and of every listed mode,
+    per-problem pass@1, and after training each mode's lift over the same problems with its paired error."""
+    out = tmp_path / "run"
+    modes = "trainer.eval_modes=[hard_greedy,soft_sample]"
+    cfg = small_run(
+        tiny_base, out, "trainer.max_steps=1", modes, "trainer.eval_problems=6", "trainer.eval_n=2"
+    )
+    cmd = [sys.executable, "scripts/train.py", *[a for a in cfg if not a.startswith("trainer.eval_modes=[]")]]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for tag in ("eval_before", "eval_after"):
+        block = summary[tag]
+        assert block["primary"] == "soft_sample" and block["pass@1"] == block["soft_sample"]["pass@1"]
+        assert block["pass@k"] == {
+            "pass@1": block["soft_sample"]["pass@1"],
+            "pass@2": block["soft_sample"]["pass@2"],
+        }
+        for mode in ("hard_greedy", "soft_sample"):
+            per_problem = block[mode]["per_problem_pass@1"]
+            assert len(per_problem) == 6 and all(p in (0.0, 0.5, 1.0) for p in per_problem)  # c / 2 samples
+            assert block[mode]["pass@1"] == pytest.approx(sum(per_problem) / 6)
+    for mode in ("hard_greedy", "soft_sample"):
+        before = summary["eval_before"][mode]["per_problem_pass@1"]
+        after = summary["eval_after"][mode]["per_problem_pass@1"]
+        diffs = [a - b for a, b in zip(after, before, strict=True)]
+        mean = sum(diffs) / 6
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 5 / 6)
+        lift = summary["eval_after"][mode]["lift_pass@1"]
+        assert lift["problems"] == 6 and lift["mean"] == pytest.approx(mean, abs=1e-12)
+        assert lift["se"] == pytest.approx(se, abs=1e-12)
+        assert "lift_pass@1" not in summary["eval_before"][mode]
+    final = json.loads(done.stdout.strip().splitlines()[-1])  # the script's last line
+    assert final["lift_pass@1"] == summary["eval_after"]["soft_sample"]["lift_pass@1"]
 
 
 def test_sigterm_writes_a_checkpoint_then_exits(tiny_base: Path, tmp_path: Path) -> None:
