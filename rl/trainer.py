@@ -249,7 +249,7 @@ class Trainer:
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.model.train()
         emb = input_embedding_matrix(self.model)  # whole on every process until sharding starts
-        rms = {kind: embedding_rms(emb, kind) for kind in ("entry", "row")}
+        rms = {which: embedding_rms(emb, which) for which in ("entry", "row")}
         self.layers = shard_decoder_layers(self.model) if self.sharding == "fsdp2" else []
         self.copy = GenerationCopy(self.model) if self.sharding == "zero3" else None
         if self.copy is not None:
