@@ -44,7 +44,7 @@ from rl.checkpoint import DEEPSPEED_TAG, TrainState, checkpoint_dirs, load_check
 from rl.data import Problem, load_problems
 from rl.evaluation import ModeSummary, evaluate_mode, plot_pass_at_k, special_ids
 from rl.logger import MetricsLogger, NullLogger, plot_training_curves, read_metrics
-from rl.logprobs import LogProbConfig, log_prob_gap, sequence_log_probs
+from rl.logprobs import LogProbConfig, SequenceLogProbs, log_prob_gap, sequence_log_probs
 from rl.loss import LossConfig, loss_normalizer, policy_loss
 from rl.model import load_policy
 from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step
@@ -383,6 +383,18 @@ class Trainer:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def score(self, model: torch.nn.Module, rollouts: Rollouts) -> SequenceLogProbs:
+        """The learner's log-probs of `rollouts` under `model` (the policy or the reference), with the run's CoT
+        config and the answer temperature / top-p the rollouts were sampled with."""
+        return sequence_log_probs(
+            model,
+            rollouts,
+            self.cfg.cot,
+            self.cfg.rl.logprobs,
+            answer_temperature=self.cfg.cot.answer_temperature,
+            answer_top_p=self.cfg.cot.answer_top_p,
+        )
+
     def update(self, rollouts: Rollouts, rewards: list[float | None]) -> dict[str, float]:
         """PPO iterations over this process's rollouts; returns loss statistics."""
         rl = self.cfg.rl
@@ -390,24 +402,18 @@ class Trainer:
         n = rollouts.num_rollouts
         size = rl.micro_batch or n
         slices = [slice(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        answer_kw = {
-            "answer_temperature": self.cfg.cot.answer_temperature,
-            "answer_top_p": self.cfg.cot.answer_top_p,
-        }
-
-        def score(model: Any, part: Rollouts) -> Any:
-            return sequence_log_probs(model, part, self.cfg.cot, rl.logprobs, **answer_kw)
-
         parts = [rollouts.select(s) for s in slices]
         part_adv = [adv.select(s) for s in slices]
         with torch.no_grad():
             old = (
-                [score(self.model, p).detach() for p in parts]
+                [self.score(self.model, p).detach() for p in parts]
                 if rl.num_iterations > 1
                 else [None] * len(parts)
             )
             ref = (
-                [score(self.ref, p).detach() for p in parts] if self.ref is not None else [None] * len(parts)
+                [self.score(self.ref, p).detach() for p in parts]
+                if self.ref is not None
+                else [None] * len(parts)
             )
         stats: dict[str, float] = {
             "cot_grad_norm": float("nan")
@@ -421,7 +427,7 @@ class Trainer:
                 sum(loss_normalizer(p, a, rl.loss) for p, a in zip(parts, part_adv, strict=True))
             )
             for i, (part, a) in enumerate(zip(parts, part_adv, strict=True)):
-                new = score(self.model, part)
+                new = self.score(self.model, part)
                 out = policy_loss(new, a, rl.loss, old=old[i], ref=ref[i], normalizer=norm)
                 if iteration == 0 and i == 0 and self._diagnose():
                     stats["cot_grad_norm"] = self._cot_grad_norm(new, a, old[i], ref[i], norm)
@@ -450,7 +456,7 @@ class Trainer:
         return stats
 
     def _engine_step(self, loss: torch.Tensor, total: float) -> StepResult:
-        """zero2: backward and step through DeepSpeed (one micro-batch per process; it reduces, clips, steps).
+        """zero2 / zero3: backward and step through DeepSpeed (one micro-batch per process; it reduces, clips, steps).
         DeepSpeed AVERAGES gradients over processes, so the loss (already divided by the global normaliser) is
         multiplied by the world size to keep the summed update. A non-finite loss on any process skips everywhere."""
         lr = float(self.opt.param_groups[0]["lr"])

@@ -21,7 +21,6 @@ from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, register_configs, to_object
 from rl.diagnostics import gradient_agreement
-from rl.logprobs import sequence_log_probs
 from rl.loss import policy_loss
 from rl.trainer import Trainer
 
@@ -31,7 +30,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # Hydra overrides may come before or after the options
     register_configs()
     raw = compose(
         "train",
@@ -54,14 +53,7 @@ def main() -> None:
             rollouts, problems = trainer.rollout(step=1000 + b)
             rewards, _ = trainer.rewards(rollouts, problems, pool)
             adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
-            new = sequence_log_probs(
-                trainer.model,
-                rollouts,
-                cfg.cot,
-                cfg.rl.logprobs,
-                answer_temperature=cfg.cot.answer_temperature,
-                answer_top_p=cfg.cot.answer_top_p,
-            )
+            new = trainer.score(trainer.model, rollouts)
             out = policy_loss(new, adv, cfg.rl.loss)
             for name, term in (("cot", out.cot_loss), ("answer", out.loss - out.cot_loss)):
                 g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
