@@ -17,10 +17,16 @@ the same numbers; p_t and μ_t are float32 whatever the model dtype. The h_t are
 model dtype only as inputs): no gradient flows through the recurrence that produced them, only through μ_t(θ),
 both via z_{t-1} and via E (a parameter; tied or not to the output head).
 
-Packing: rows are RIGHT-padded to L = max_i L_i, with position ids 0..L-1 and an attention mask that is 1 on the
-first L_i positions. Real tokens then sit at the same positions 0..L_i-1 as in an unpadded single-row pass, causal
-attention never lets a real position see a pad, and no query row is fully masked (left padding would give the
-leading pad rows an all-masked attention row, a NaN hazard in some kernels).
+Packing (`_packed_body`, the reference): rows are RIGHT-padded to L = max_i L_i, with position ids 0..L-1 and
+an attention mask that is 1 on the first L_i positions. Real tokens then sit at the same positions 0..L_i-1 as
+in an unpadded single-row pass, causal attention never lets a real position see a pad, and no query row is fully
+masked (left padding would give the leading pad rows an all-masked attention row, a NaN hazard in some kernels).
+
+Shared prompts (`_shared_prompt_body`, `LogProbConfig.share_prompts`, the default): the G rollouts of a group
+share their prompt, which is most of each row on short-CoT tasks, so the body encodes each distinct prompt once
+into a KV cache and runs every row's [CoT inputs ; answer] on its prompt's cache: the same positions, masks and
+attention as the packed row, about G times less prompt compute, and gradients from all G rows flow back into the
+one prompt pass. Models with sliding-window layers keep the packed path (a sliding cache drops old positions).
 
 Memory: the body runs once; the output head, log-softmax and μ run over chunks of `chunk_size` scored positions
 (in one `ActionScorer` call), each chunk under activation checkpointing when gradients are on, so at most one
@@ -44,6 +50,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
@@ -56,10 +63,13 @@ class LogProbConfig:
     """`chunk_size`: scored positions per output-head chunk (0 = dense reference path: all at once).
     `mean_grad_through_embedding`: whether a soft / fuzzy step's gradient reaches E through μ = p E (the
     paper's objective, default). False detaches that factor, so the Gaussian term trains the policy only
-    through the logits (an experimental departure; a tied output head still gets its logit gradient)."""
+    through the logits (an experimental departure; a tied output head still gets its logit gradient).
+    `share_prompts`: encode each distinct prompt once and run the rows' CoT and answer on its KV cache (the
+    same numbers up to float rounding, faster under GRPO groups); False = the packed reference path."""
 
     chunk_size: int = 512
     mean_grad_through_embedding: bool = True
+    share_prompts: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 0:
@@ -147,50 +157,46 @@ def sequence_log_probs(
         raise ValueError(f"rows {(p_len == 0).nonzero().flatten().tolist()} have an empty prompt")
     n, t_max = cot_mask.shape
     a_max = answer_mask.shape[1]
-    seq_len = p_len + t_len + a_len  # [N]
-    length = int(seq_len.max())
 
-    # --- pack: one row = real prompt tokens ; CoT inputs ; answer tokens ; right padding
-    pos = torch.arange(length, device=device).unsqueeze(0)  # [1, L]
-    # real prompt tokens moved to the front, in order (prompts are left-padded; any mask pattern works)
-    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # [N, P]
-    prompt_ids = rollouts.prompt_ids.to(device).gather(1, order)  # [N, P]
-    in_prompt = pos < p_len[:, None]  # [N, L]
-    in_cot = (pos >= p_len[:, None]) & (pos < (p_len + t_len)[:, None])  # [N, L]
-    in_answer = (pos >= (p_len + t_len)[:, None]) & (pos < seq_len[:, None])  # [N, L]
-    cot_index = (pos - p_len[:, None]).clamp(0, max(t_max - 1, 0))  # [N, L] CoT step at each position
-    answer_index = (pos - (p_len + t_len)[:, None]).clamp(0, a_max - 1)  # [N, L]
-    ids = torch.zeros(n, length, dtype=torch.long, device=device)  # [N, L]
-    ids = torch.where(
-        in_prompt, prompt_ids.gather(1, pos.clamp(max=prompt_ids.shape[1] - 1).expand(n, -1)), ids
-    )
-    ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), ids)
+    # --- each row's suffix: CoT inputs ; answer tokens ; right padding (S = longest suffix)
+    s_len = t_len + a_len  # [N]
+    width = int(s_len.max())
+    spos = torch.arange(width, device=device).unsqueeze(0)  # [1, S]
+    in_cot = spos < t_len[:, None]  # [N, S]
+    in_answer = (spos >= t_len[:, None]) & (spos < s_len[:, None])  # [N, S]
+    cot_index = spos.clamp(0, max(t_max - 1, 0)).expand(n, -1)  # [N, S] CoT step at each position
+    answer_index = (spos - t_len[:, None]).clamp(0, a_max - 1)  # [N, S]
+    suffix_ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), 0)  # [N, S]
     if not continuous and t_max > 0:
-        ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), ids)
-    inputs_embeds = embedding(ids)  # [N, L, d]
+        suffix_ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), suffix_ids)
+    suffix = embedding(suffix_ids)  # [N, S, d]
     h_all: torch.Tensor | None = None
     if continuous:
         assert rollouts.cot_inputs is not None
         h_all = rollouts.cot_inputs.to(device=device, dtype=torch.float32).detach()  # [N, T, d] constants
         if t_max > 0:
-            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, L, d]
-            inputs_embeds = torch.where(in_cot[..., None], h_seq.to(dtype), inputs_embeds)
-    attention_mask = (pos < seq_len[:, None]).long()  # [N, L]
-    position_ids = pos.expand(n, -1)  # [N, L]
-    hidden = decoder(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # [N, L, H]
+            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, S, d]
+            suffix = torch.where(in_cot[..., None], h_seq.to(dtype), suffix)
+    # real prompt tokens moved to the front, in order (prompts are left-padded; any mask pattern works)
+    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # [N, P]
+    prompt_ids = torch.where(
+        torch.arange(order.shape[1], device=device)[None] < p_len[:, None],
+        rollouts.prompt_ids.to(device).gather(1, order),
+        -1,
+    )  # [N, P] real tokens then -1
+    body = _shared_prompt_body if cfg.share_prompts and not _has_sliding_layers(model.config) else _packed_body
+    hidden_at = body(decoder, embedding, prompt_ids, p_len, suffix, s_len)
 
     # --- scored positions: each CoT step and each sampled answer token, from the position before it
     rows, steps = cot_mask.nonzero(as_tuple=True)  # [M_c]
-    cot_hidden = hidden[rows, p_len[rows] + steps - 1]  # [M_c, H]
+    cot_hidden = hidden_at(rows, p_len[rows] + steps - 1)  # [M_c, H]
     if continuous:
         assert h_all is not None
         cot_targets = h_all[rows, steps]  # [M_c, d] the stored vectors h_t
     else:
         cot_targets = rollouts.cot_ids.to(device)[rows, steps]  # [M_c] the sampled tokens c_t
     a_rows, a_steps = action_mask.nonzero(as_tuple=True)  # [M_a]
-    ans_hidden = hidden[a_rows, p_len[a_rows] + t_len[a_rows] + a_steps - 1]  # [M_a, H]
+    ans_hidden = hidden_at(a_rows, p_len[a_rows] + t_len[a_rows] + a_steps - 1)  # [M_a, H]
     tokens = rollouts.answer_ids.to(device)[a_rows, a_steps]  # [M_a]
     scores = ActionScores(
         *scorer(
@@ -352,6 +358,92 @@ def _chunked(
         else:
             parts.append(fn(*chunk))
     return tuple(torch.cat(out, dim=0) for out in zip(*parts, strict=True))
+
+
+def _has_sliding_layers(config) -> bool:
+    """Whether a KV cache of this model keeps only a window of positions in some layer."""
+    return any(DynamicCache(config=config).is_sliding)
+
+
+HiddenAt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""hidden_at(rows [M], positions [M]) -> [M, H]: the body's last hidden state of row `rows[m]` at position
+`positions[m]` of its sequence [prompt ; suffix] (positions counted from the prompt's first real token)."""
+
+
+def _packed_body(
+    decoder: torch.nn.Module,
+    embedding: torch.nn.Module,
+    prompt_ids: torch.Tensor,  # [N, P] real tokens first, then -1
+    p_len: torch.Tensor,  # [N]
+    suffix: torch.Tensor,  # [N, S, d] input vectors of each row's CoT and answer
+    s_len: torch.Tensor,  # [N]
+) -> HiddenAt:
+    """Reference body: one forward over rows [prompt ; suffix], right-padded to L = max (P_i + S_i), position ids
+    0..L-1 and an attention mask that is 1 on each row's first P_i + S_i positions."""
+    n = prompt_ids.shape[0]
+    seq_len = p_len + s_len  # [N]
+    length = int(seq_len.max())
+    pos = torch.arange(length, device=suffix.device).unsqueeze(0)  # [1, L]
+    in_prompt = pos < p_len[:, None]  # [N, L]
+    ids = prompt_ids.gather(1, pos.clamp(max=prompt_ids.shape[1] - 1).expand(n, -1)).clamp(min=0)  # [N, L]
+    from_suffix = suffix.gather(
+        1, (pos - p_len[:, None]).clamp(0, suffix.shape[1] - 1)[..., None].expand(-1, -1, suffix.shape[-1])
+    )  # [N, L, d]
+    inputs_embeds = torch.where(in_prompt[..., None], embedding(ids), from_suffix)  # [N, L, d]
+    hidden = decoder(
+        inputs_embeds=inputs_embeds,
+        attention_mask=(pos < seq_len[:, None]).long(),
+        position_ids=pos.expand(n, -1),
+        use_cache=False,
+    ).last_hidden_state  # [N, L, H]
+    return lambda rows, positions: hidden[rows, positions]
+
+
+def _shared_prompt_body(
+    decoder: torch.nn.Module,
+    embedding: torch.nn.Module,
+    prompt_ids: torch.Tensor,  # [N, P] real tokens first, then -1
+    p_len: torch.Tensor,  # [N]
+    suffix: torch.Tensor,  # [N, S, d]
+    s_len: torch.Tensor,  # [N]
+) -> HiddenAt:
+    """The same computation with each DISTINCT prompt encoded once (the G samples of a GRPO group share one):
+    a forward over the U distinct prompts (right-padded to P) fills a KV cache, its rows are indexed out to the N
+    rows (autograd carries every row's gradient back to its prompt), and a second forward runs the suffixes on it
+    with position ids P_i.. and an attention mask [prompt real tokens ; suffix real positions]. Causal attention
+    over the cache lets suffix position k see exactly the prompt's real tokens and suffix positions <= k, as in
+    the packed row. Two body calls whatever the data (the same collective count on every process under
+    sharding)."""
+    device = suffix.device
+    unique, inverse = torch.unique(prompt_ids, dim=0, return_inverse=True)  # [U, P], [N]
+    u_len = (unique >= 0).sum(dim=1)  # [U]
+    width = unique.shape[1]
+    ppos = torch.arange(width, device=device).unsqueeze(0)  # [1, P]
+    cache = DynamicCache(config=decoder.config)
+    prompt_hidden = decoder(
+        inputs_embeds=embedding(unique.clamp(min=0)),
+        attention_mask=(ppos < u_len[:, None]).long(),
+        position_ids=ppos.expand(unique.shape[0], -1),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [U, P, H]
+    cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...]
+    spos = torch.arange(suffix.shape[1], device=device).unsqueeze(0)  # [1, S]
+    suffix_hidden = decoder(
+        inputs_embeds=suffix,
+        attention_mask=torch.cat([ppos < p_len[:, None], spos < s_len[:, None]], dim=1).long(),  # [N, P + S]
+        position_ids=p_len[:, None] + spos,  # [N, S]
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [N, S, H]
+
+    def hidden_at(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        in_prompt = (positions < p_len[rows])[:, None]  # [M, 1] (only a prompt's last token is ever scored from)
+        from_prompt = prompt_hidden[inverse[rows], positions.clamp(max=width - 1)]  # [M, H]
+        from_suffix = suffix_hidden[rows, (positions - p_len[rows]).clamp(min=0)]  # [M, H]
+        return torch.where(in_prompt, from_prompt, from_suffix)
+
+    return hidden_at
 
 
 def _check_right_padded(mask: torch.Tensor, name: str) -> None:

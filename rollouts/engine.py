@@ -2,8 +2,9 @@
 accepts `inputs_embeds` and a KV cache (Llama, Qwen2, ...; tied or untied embeddings).
 
 One rollout, following DESIGN.md section 1:
-1. Prompts are left-padded (attention mask 0 on pads, position ids counted over real tokens) and each is repeated
-   G times contiguously; one prefill fills a `DynamicCache`.
+1. Prompts are left-padded (attention mask 0 on pads, position ids counted over real tokens); one prefill of the
+   B distinct prompts fills a `DynamicCache`, whose rows (and last logits) are then repeated G times contiguously,
+   so the prompt is encoded once per group, not once per sample.
 2. Every decode step reads the logits of the last position and, for every row at once, computes both the CoT
    action (`rollouts.modes`, chosen once by mode) and an answer-side token; each row then feeds one vector,
    picked by its phase with `torch.where`: think -> h_t (hard: E[c_t]); delimiter -> E[forced delimiter token];
@@ -218,9 +219,9 @@ def generate(
     emb32 = embedding.float()  # [V, d] float32 (the same tensor when the model is float32)
     delimiter = torch.tensor(think_end_ids, dtype=torch.long, device=device)  # [D]
 
-    prompts, prompt_mask = _left_pad(prompt_ids, pad_id, device)  # [B, P]
-    prompts = prompts.repeat_interleave(group_size, dim=0)  # [N, P]
-    prompt_mask = prompt_mask.repeat_interleave(group_size, dim=0)  # [N, P]
+    unique_prompts, unique_mask = _left_pad(prompt_ids, pad_id, device)  # [B, P]
+    prompts = unique_prompts.repeat_interleave(group_size, dim=0)  # [N, P]
+    prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)  # [N, P]
     n, width = prompts.shape
     t_max, d_len, a_max = cfg.max_think_tokens, len(think_end_ids), cfg.max_answer_tokens
     steps = t_max + d_len + a_max  # worst case: T CoT inputs, D delimiter tokens, A answer tokens
@@ -260,15 +261,16 @@ def generate(
     )
 
     cache = DynamicCache(config=model.config)
-    out = model(
-        inputs_embeds=embedding[prompts],  # [N, P, d]
-        attention_mask=st.attention_mask[:, :width],
-        position_ids=(prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [N, P]
+    out = model(  # prefill the B distinct prompts once, then give each of the G samples its copy
+        inputs_embeds=embedding[unique_prompts],  # [B, P, d]
+        attention_mask=unique_mask.long(),
+        position_ids=(unique_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [B, P]
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
-    logits = out.logits[:, -1].float()  # [N, V]
+    cache.batch_repeat_interleave(group_size)  # [B, ...] -> [N, ...]
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # [N, V]
     for step in range(steps):
         feed = stepper(st, logits, step)  # [N, d] float32
         if step == steps - 1 or ((step + 1) % check_every == 0 and bool((st.phase == DONE).all())):

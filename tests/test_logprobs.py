@@ -249,6 +249,43 @@ def test_chunked_equals_dense_values_and_gradients(arch: str, tied: bool, mode: 
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False)])
+def test_shared_prompts_equal_the_packed_rows(arch: str, tied: bool, mode: str) -> None:
+    # Rows 0-2 share one prompt, rows 3-4 another, row 5 has its own (a GRPO batch cut at a group boundary), with
+    # CoT lengths 0..5 (a 0-length CoT scores its first answer token after the delimiter) and ragged answers.
+    # Encoding each prompt once and running the suffixes on its KV cache is the packed computation regrouped:
+    # values and gradients agree up to float32 rounding.
+    model = tiny_model(arch, tied)
+    cot = COT_CONFIGS[mode]
+    r = make_rollouts(
+        model, cot, prompt_lens=[5, 5, 5, 2, 2, 7], cot_lens=[4, 0, 5, 2, 3, 1], answer_lens=[4, 6, 3, 5, 3, 4]
+    )
+    for row, source in ((1, 0), (2, 0), (4, 3)):
+        r.prompt_ids[row] = r.prompt_ids[source]
+    calls: list[int] = []
+    hook = model.get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    packed = sequence_log_probs(model, r, cot, LogProbConfig(chunk_size=4, share_prompts=False))
+    g_packed = grads(model, weighted_sum(packed))
+    shared = sequence_log_probs(model, r, cot, LogProbConfig(chunk_size=4))
+    g_shared = grads(model, weighted_sum(shared))
+    hook.remove()
+    assert calls == [6, 3, 6]  # packed rows; then the 3 distinct prompts once, and the 6 suffixes on their cache
+
+    torch.testing.assert_close(shared.cot, packed.cot, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shared.answer, packed.answer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.cot_entropy, packed.cot_entropy, rtol=1e-4, atol=1e-4)
+    if packed.mu is not None:
+        torch.testing.assert_close(shared.mu, packed.mu, rtol=1e-5, atol=1e-6)
+    assert g_shared.keys() == g_packed.keys()
+    tol = 1e-2 if mode == "fuzzy" else 1e-4  # see test_chunked_equals_dense_values_and_gradients
+    for name in g_packed:
+        scale = g_packed[name].abs().max().item()
+        torch.testing.assert_close(g_shared[name], g_packed[name], rtol=tol, atol=tol * max(scale, 1.0), msg=name)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_row_alone_equals_row_in_batch(arch: str, mode: str) -> None:
     # Padding (prompt lengths 2..7, CoT 1..5, answers 3..6) must not change any row's numbers.
