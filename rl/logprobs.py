@@ -184,7 +184,8 @@ def sequence_log_probs(
         rollouts.prompt_ids.to(device).gather(1, order),
         -1,
     )  # [N, P] real tokens then -1
-    body = _shared_prompt_body if cfg.share_prompts and not _has_sliding_layers(model.config) else _packed_body
+    shared = cfg.share_prompts and not _has_sliding_layers(model.config)
+    body = _shared_prompt_body if shared else _packed_body
     hidden_at = body(decoder, embedding, prompt_ids, p_len, suffix, s_len)
 
     # --- scored positions: each CoT step and each sampled answer token, from the position before it
@@ -438,7 +439,8 @@ def _shared_prompt_body(
     ).last_hidden_state  # [N, S, H]
 
     def hidden_at(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        in_prompt = (positions < p_len[rows])[:, None]  # [M, 1] (only a prompt's last token is ever scored from)
+        # only a prompt's last token is ever scored from: the first CoT step (or answer token) of the row
+        in_prompt = (positions < p_len[rows])[:, None]  # [M, 1]
         from_prompt = prompt_hidden[inverse[rows], positions.clamp(max=width - 1)]  # [M, H]
         from_suffix = suffix_hidden[rows, (positions - p_len[rows]).clamp(min=0)]  # [M, H]
         return torch.where(in_prompt, from_prompt, from_suffix)

@@ -258,7 +258,11 @@ def test_shared_prompts_equal_the_packed_rows(arch: str, tied: bool, mode: str) 
     model = tiny_model(arch, tied)
     cot = COT_CONFIGS[mode]
     r = make_rollouts(
-        model, cot, prompt_lens=[5, 5, 5, 2, 2, 7], cot_lens=[4, 0, 5, 2, 3, 1], answer_lens=[4, 6, 3, 5, 3, 4]
+        model,
+        cot,
+        prompt_lens=[5, 5, 5, 2, 2, 7],
+        cot_lens=[4, 0, 5, 2, 3, 1],
+        answer_lens=[4, 6, 3, 5, 3, 4],
     )
     for row, source in ((1, 0), (2, 0), (4, 3)):
         r.prompt_ids[row] = r.prompt_ids[source]
@@ -271,7 +275,8 @@ def test_shared_prompts_equal_the_packed_rows(arch: str, tied: bool, mode: str) 
     shared = sequence_log_probs(model, r, cot, LogProbConfig(chunk_size=4))
     g_shared = grads(model, weighted_sum(shared))
     hook.remove()
-    assert calls == [6, 3, 6]  # packed rows; then the 3 distinct prompts once, and the 6 suffixes on their cache
+    # the packed rows; then the 3 distinct prompts once, and the 6 suffixes on their cache
+    assert calls == [6, 3, 6]
 
     torch.testing.assert_close(shared.cot, packed.cot, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(shared.answer, packed.answer, rtol=1e-5, atol=1e-5)
@@ -282,7 +287,9 @@ def test_shared_prompts_equal_the_packed_rows(arch: str, tied: bool, mode: str) 
     tol = 1e-2 if mode == "fuzzy" else 1e-4  # see test_chunked_equals_dense_values_and_gradients
     for name in g_packed:
         scale = g_packed[name].abs().max().item()
-        torch.testing.assert_close(g_shared[name], g_packed[name], rtol=tol, atol=tol * max(scale, 1.0), msg=name)
+        torch.testing.assert_close(
+            g_shared[name], g_packed[name], rtol=tol, atol=tol * max(scale, 1.0), msg=name
+        )
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
