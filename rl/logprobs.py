@@ -1,8 +1,10 @@
 """Teacher-forced log-probs of every action in a batch of rollouts under the current model (DESIGN.md §1, Learner).
 
-One forward pass of the transformer body over, per row i,
+The transformer body's last hidden states over, per row i,
 
     [ E[prompt_i (real tokens only)] ; CoT inputs_i ; E[answer_i] ]           length L_i = P_i + T_i + A_i
+
+(computed with each distinct prompt encoded once, see "Shared prompts" below)
 
 where the CoT inputs are E[cot_ids] for hard CoT and the stored vectors h_t for soft / fuzzy CoT. Each action is
 scored from the hidden state one position before it:
@@ -28,8 +30,8 @@ into a KV cache and runs every row's [CoT inputs ; answer] on its prompt's cache
 attention as the packed row, about G times less prompt compute, and gradients from all G rows flow back into the
 one prompt pass. Models with sliding-window layers keep the packed path (a sliding cache drops old positions).
 
-Memory: the body runs once; the output head, log-softmax and μ run over chunks of `chunk_size` scored positions
-(in one `ActionScorer` call), each chunk under activation checkpointing when gradients are on, so at most one
+Memory: the output head, log-softmax and μ run over chunks of `chunk_size` scored positions (in one
+`ActionScorer` call), each chunk under activation checkpointing when gradients are on, so at most one
 chunk of [chunk, V] float32 logits is alive at a time, in the forward and in the backward. `chunk_size=0` is the
 dense reference path (all positions at once, no checkpointing); tests check that both agree in values and
 gradients.
