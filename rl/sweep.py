@@ -18,7 +18,7 @@ import yaml
 class SweepRun:
     path: Path
     overrides: dict[str, str]
-    metrics: dict[str, float | None]  # e.g. {"before/pass@1": ..., "after/pass@1": ...}
+    metrics: dict[str, float | None]  # e.g. {"before/pass@1": ..., "after/pass@1": ..., "lift/pass@1": ...}
     status: str  # done | incomplete
 
 
@@ -46,6 +46,9 @@ def read_run(path: Path, metric_mode: str | None = None) -> SweepRun:
         for key, value in block[mode].items():
             if key.startswith("pass@"):
                 metrics[f"{tag[5:]}/{key}"] = value
+        lift = block[mode].get("lift_pass@1")  # after-blocks: paired lift over the same problems
+        if lift is not None:
+            metrics["lift/pass@1"], metrics["lift_se/pass@1"] = lift["mean"], lift["se"]
     return SweepRun(path, overrides, metrics, "done")
 
 

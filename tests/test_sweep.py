@@ -20,7 +20,10 @@ def fake_run(root: Path, noise: str, temp: str, after: float | None) -> None:
     (run / ".hydra" / "overrides.yaml").write_text(f"- cot.noise_scale={noise}\n- cot.temperature={temp}\n")
     if after is not None:
         block = lambda v: {"primary": "soft_sample", "soft_sample": {"pass@1": v, "pass@2": min(1.0, 2 * v)}}
-        (run / "summary.json").write_text(json.dumps({"eval_before": block(0.1), "eval_after": block(after)}))
+        after_block = block(after)
+        # the trainer's paired lift (mean over problems of after - before pass@1, and its standard error)
+        after_block["soft_sample"]["lift_pass@1"] = {"mean": after - 0.1, "se": 0.02, "problems": 200}
+        (run / "summary.json").write_text(json.dumps({"eval_before": block(0.1), "eval_after": after_block}))
 
 
 def test_sweep_report_table_and_heatmap(tmp_path: Path) -> None:
@@ -34,13 +37,15 @@ def test_sweep_report_table_and_heatmap(tmp_path: Path) -> None:
         "before/pass@2": 0.2,
         "after/pass@1": 0.45,
         "after/pass@2": 0.9,
+        "lift/pass@1": 0.45 - 0.1,
+        "lift_se/pass@1": 0.02,
     }
     out = subprocess.run(
         [sys.executable, "scripts/sweep_report.py", str(tmp_path), "--x", "cot.noise_scale", "--y", "cot.temperature"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "| 0.33 | 0.5 | 0.100 | 0.200 | 0.450 | 0.900 | done |" in out.stdout
-    assert "| 1.0 | 0.5 |  |  |  |  | incomplete |" in out.stdout
+    assert "| 0.33 | 0.5 | 0.100 | 0.200 | 0.450 | 0.900 | 0.350 | 0.020 | done |" in out.stdout
+    assert "| 1.0 | 0.5 |  |  |  |  |  |  | incomplete |" in out.stdout
     assert (tmp_path / "sweep_heatmap.png").stat().st_size > 1000
     assert len(json.loads((tmp_path / "sweep.json").read_text())) == 3
 
