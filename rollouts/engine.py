@@ -3,8 +3,8 @@ accepts `inputs_embeds` and a KV cache (Llama, Qwen2, ...; tied or untied embedd
 
 One rollout, following DESIGN.md section 1:
 1. Prompts are left-padded (attention mask 0 on pads, position ids counted over real tokens); one prefill of the
-   B distinct prompts fills a `DynamicCache`, whose rows (and last logits) are then repeated G times contiguously,
-   so the prompt is encoded once per group, not once per sample.
+   B prompts fills a `DynamicCache`, whose rows (and last logits) are then repeated G times contiguously, so a
+   prompt is encoded once per group, not once per sample.
 2. Every decode step reads the logits of the last position and, for every row at once, computes both the CoT
    action (`rollouts.modes`, chosen once by mode) and an answer-side token; each row then feeds one vector,
    picked by its phase with `torch.where`: think -> h_t (hard: E[c_t]); delimiter -> E[forced delimiter token];
@@ -261,7 +261,7 @@ def generate(
     )
 
     cache = DynamicCache(config=model.config)
-    out = model(  # prefill the B distinct prompts once, then give each of the G samples its copy
+    out = model(  # prefill the B prompts once, then give each of the G samples its copy
         inputs_embeds=embedding[unique_prompts],  # [B, P, d]
         attention_mask=unique_mask.long(),
         position_ids=(unique_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [B, P]
