@@ -6,10 +6,10 @@ the same process. Prints one JSON object.
     python scripts/bench_learner.py cot=hard --repeats 5   # any Hydra override of recipes/train.yaml
 
 Workload: one step of real rollouts from the run's policy (the step-1 batch of `trainer.prompts_per_step`
-prompts), their GRPO advantages, and `sequence_log_probs` + `policy_loss` + backward, timed as the median of
-`--repeats` runs after a warm-up (bracketed by `torch.cuda.synchronize()` on CUDA). Also reports the largest
-gradient difference between the two paths relative to the largest gradient entry, and the padded share of the
-packed rows.
+prompts), their GRPO advantages, and the learner's `Trainer.score` + `policy_loss` + backward, timed as the
+median of `--repeats` runs after a warm-up (bracketed by `torch.cuda.synchronize()` on CUDA). Also reports the
+largest gradient difference between the two paths relative to the largest gradient entry, and the padded share
+of the packed rows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, register_configs, to_object
-from rl.logprobs import sequence_log_probs
 from rl.loss import policy_loss
 from rl.trainer import Trainer
 
@@ -47,17 +46,12 @@ def main() -> None:
     model = trainer.model
     device = str(next(model.parameters()).device)
 
+    configs = {share: replace(cfg.rl.logprobs, share_prompts=share) for share in (False, True)}
+
     def update(share: bool) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        new = sequence_log_probs(
-            model,
-            rollouts,
-            cfg.cot,
-            replace(cfg.rl.logprobs, share_prompts=share),
-            answer_temperature=cfg.cot.answer_temperature,
-            answer_top_p=cfg.cot.answer_top_p,
-        )
-        policy_loss(new, adv, cfg.rl.loss).loss.backward()
+        trainer.cfg.rl.logprobs = configs[share]  # the learner call is the trainer's own (`Trainer.score`)
+        policy_loss(trainer.score(model, rollouts), adv, cfg.rl.loss).loss.backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
     seconds = {
