@@ -1,9 +1,16 @@
-"""Checkpoints: written atomically (a temporary directory, then one rename), the last K kept, and found again
-by `resume=auto`.
+"""Checkpoints: written atomically (a temporary directory, then one rename), verifiable by their manifest, the
+last K kept, and found again by `resume=auto`.
 
 A checkpoint directory `checkpoints/step_000040/` holds the policy (`save_pretrained`, so any checkpoint also
-deploys with ordinary tools) and `trainer_state.pt`: optimizer, scheduler, every RNG, the data position, σ
-and the counters. A directory still named `*.tmp` was interrupted mid-write and is ignored.
+deploys with ordinary tools), `trainer_state.pt` (optimizer, scheduler, every RNG, the data position, σ and the
+counters) and, written last, `manifest.json`: every other file of the checkpoint, its path relative to the
+checkpoint, its size in bytes and its sha256. A checkpoint is complete only when it verifies
+(`verify_checkpoint`): the manifest is there and every file, and no other, is on disk with its listed size and
+sha256. The rename only makes the write atomic for the directory name; the manifest also catches what the rename
+cannot: a file cut short or overwritten later (a full disk, a copy interrupted, a crash before the data reached
+the disk). Resume takes the newest checkpoint that verifies (`latest_verified_checkpoint`) and says which newer
+ones it skipped and why. Only directories named exactly `step_<digits>` are checkpoints; anything else under
+the root (a `*.tmp` interrupted mid-write, `step_000004.bad` set aside by hand, stray files) is ignored.
 
 `trainer_state.pt` names the sharding that wrote it (`rl.sharding`), and a checkpoint resumes only under that
 sharding (the error says so):
@@ -17,9 +24,14 @@ sharding (the error says so):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import random
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +40,10 @@ import numpy as np
 import torch
 
 PREFIX = "step_"
+NAME = re.compile(rf"{PREFIX}(\d+)", re.ASCII)  # a checkpoint's directory name, matched whole
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing: checkpoint files can be GBs
 DEEPSPEED_TAG = "state"  # zero2: the DeepSpeed engine checkpoint sits in <checkpoint>/deepspeed/<tag>/
 
 
@@ -59,13 +75,69 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Checkpoint directories under `root` (named exactly `step_<digits>`), oldest first; anything else there is
+    ignored. Complete ones are those that verify (`latest_verified_checkpoint`)."""
     if not root.is_dir():
         return []
-    done = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(".tmp")
-    ]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
+    owned = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(owned)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """Every file under `path` except the manifest, keyed by its POSIX path relative to `path`."""
+    found = {f.relative_to(path).as_posix(): f for f in path.rglob("*") if f.is_file()}
+    found.pop(MANIFEST, None)
+    return dict(sorted(found.items()))
+
+
+def _write_manifest(path: Path) -> None:
+    """Write `path/manifest.json`: size and sha256 of every other file under `path`."""
+    files = {rel: {"size": f.stat().st_size, "sha256": _sha256(f)} for rel, f in _files(path).items()}
+    (path / MANIFEST).write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1) + "\n")
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when `path` is complete: its manifest parses and lists exactly the files on disk, each with its size
+    and sha256. Otherwise the first reason found, naming the file. Sizes are checked before any hashing."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (interrupted or written by an older version)"
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+        expected = {rel: (int(entry["size"]), str(entry["sha256"])) for rel, entry in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON, bad UTF-8 or the wrong shape
+        return f"{MANIFEST} does not parse: {type(err).__name__}: {err}"
+    on_disk = _files(path)
+    for rel, (size, _) in expected.items():
+        if rel not in on_disk:
+            return f"{rel}: missing (listed in the manifest)"
+        if (actual := on_disk[rel].stat().st_size) != size:
+            return f"{rel}: size {actual} != {size} in the manifest"
+    if extra := sorted(set(on_disk) - set(expected)):
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        return f"{extra[0]}: not in the manifest{more}"
+    for rel, (_, sha256) in expected.items():
+        if _sha256(on_disk[rel]) != sha256:
+            return f"{rel}: sha256 mismatch"
+    return None
+
+
+def latest_verified_checkpoint(root: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint under `root` that verifies (None: there is none). Each newer one that does not is
+    skipped with a warning naming it and the reason; the older ones are not read at all."""
+    for path in reversed(checkpoint_dirs(root)):
+        if (reason := verify_checkpoint(path)) is None:
+            return path
+        warn(f"[softgrpo] skipping checkpoint {path}: {reason}; resuming from the previous one")
+    return None
 
 
 def save_checkpoint(
@@ -80,6 +152,7 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     extra_dirs: dict[str, Path] | None = None,
+    profile: Any = None,
 ) -> Path:
     """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints.
     `model_state` / `optimizer_state`: whole state dicts gathered from a sharded model (None: read them here).
@@ -92,6 +165,8 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model", state_dict=model_state)
     tokenizer.save_pretrained(tmp / "model")
+    if profile is not None:  # rl.model.ModelProfile: the prompt format and CoT limits the policy trains with
+        profile.save(tmp / "model")
     extra_dirs = extra_dirs or {}
     for name, src in extra_dirs.items():
         os.replace(src, tmp / name)
@@ -111,11 +186,15 @@ def save_checkpoint(
         },
         tmp / "trainer_state.pt",
     )
+    _write_manifest(tmp)  # last: a checkpoint without it, or whose files do not match it, is incomplete
     if final.exists():  # a re-run of the same step (after a resume) replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)  # the commit point: a crash before this leaves only a *.tmp, ignored on resume
+    # `final` may not be the newest: after resuming past a checkpoint that failed to verify, that broken newer one
+    # still sorts last; the one just written is kept whatever its rank
     for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old)
+        if old != final:
+            shutil.rmtree(old)
     return final
 
 
@@ -129,17 +208,30 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state.
     `sharding`: this run's (rl/sharding.py); `engine`: the zero2 / zero3 DeepSpeed engine (it restores weights,
-    float32 master weights and its AdamW partition). Sharded loads are collective: every process calls this."""
+    float32 master weights and its AdamW partition). Sharded loads are collective: every process calls this.
+    It does not verify `path` (`latest_verified_checkpoint` does); a file it cannot deserialise is a ValueError
+    naming the checkpoint and the file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from rl.sharding import load_full_state_dicts
 
     weights = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
-        weights.update(load_file(shard))
+        try:
+            weights.update(load_file(shard))
+        # what a truncated or garbled file raised when tried: header too small, file not fully covered, bad JSON
+        except SafetensorError as err:
+            raise ValueError(f"checkpoint {path}: cannot read {shard.relative_to(path)}: {err}") from err
     if not weights:
         raise FileNotFoundError(f"checkpoint {path} has no model/*.safetensors")
-    blob = torch.load(path / "trainer_state.pt", weights_only=False)
+    try:
+        blob = torch.load(path / "trainer_state.pt", weights_only=False)
+    # what a truncated or garbled file raised when tried: EOFError (empty), RuntimeError (zip archive cut or
+    # corrupt), OSError (cut inside a record; or the file is missing), UnpicklingError (bad opcode), ValueError /
+    # UnicodeDecodeError (a garbled length or string)
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError, ValueError) as err:
+        raise ValueError(f"checkpoint {path}: cannot read trainer_state.pt: {err}") from err
     # checkpoints written before the sharding was recorded by name say it as an optimizer format
     legacy = {"plain": "none", "full": "fsdp2", "deepspeed": "zero2"}
     written = blob.get("sharding") or legacy[blob.get("optimizer_format", "plain")]
