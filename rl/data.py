@@ -32,13 +32,14 @@ Local files are read plainly (json / pyarrow) rather than through `datasets.load
 can then name the file and row, there is no cache written next to the user's home, and Arrow's schema
 inference (which fails on rows whose fields change type, e.g. a null `context` next to a string one) never
 runs. A `{split}` in `cfg.path` is replaced by the split name, so one config can name both splits
-(`data/gsm8k_{split}.jsonl`); a path without it serves every split from the same file.
+(`data/gsm8k_{split}.jsonl`); a path without it serves every split from the same file. Bytes that are not
+UTF-8 are reported with the file and line (JSON, JSONL) or row and column (Parquet) where they sit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -175,8 +176,8 @@ assert set(SOURCES) == set(DATASETS), (sorted(SOURCES), DATASETS)
 def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
     """The problems of `split` for `cfg.name`, in the dataset's order, the first `cfg.limit` of them.
 
-    Raises ValueError for an unknown name, a missing file or a malformed row (naming file or hub id, row
-    index and key).
+    Raises ValueError for an unknown name, a missing file, bytes that are not UTF-8 (naming the file and
+    line) or a malformed row (naming file or hub id, row index and key).
     """
     if cfg.name not in SOURCES:
         raise ValueError(f"unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
@@ -200,6 +201,15 @@ def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
         if p.uid in seen:
             raise ValueError(f"{origin}: row {index}: duplicate uid {p.uid!r} (key {source.id_key!r})")
         seen.add(p.uid)
+    return problems
+
+
+def require_problems(problems: list[Problem], cfg: DataConfig, split: str) -> list[Problem]:
+    """`problems`, or an error naming the dataset and split when there are none (data.limit=0, an empty file)."""
+    if not problems:
+        raise ValueError(
+            f"data={cfg.name} (path={cfg.path}, limit={cfg.limit}): split {split!r} has no problems"
+        )
     return problems
 
 
@@ -228,26 +238,78 @@ def _read_file(path: Path) -> list[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # a trailing blank line is common and is not a row
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    where = f"{path}: line {line_no} (row {len(rows)})"
-                    raise ValueError(f"{where}: invalid JSON: {err}") from None
+        for line_no, line in utf8_lines(path):
+            if not line.strip():
+                continue  # a trailing blank line is common and is not a row
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                where = f"{path}: line {line_no} (row {len(rows)})"
+                raise ValueError(f"{where}: invalid JSON: {err}") from None
         return rows
     if suffix == ".json":
+        text = decode_utf8(path.read_bytes(), str(path))
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: invalid JSON: {err}") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
         return rows
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return _read_parquet(path)
     raise ValueError(f"data file {path}: unsupported suffix {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Rows of a Parquet file. pyarrow reads string columns without checking that they are UTF-8, so a bad
+    string shows only when the table is converted; the first such cell is then found, row by row."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError as err:
+        failure = err
+    for index in range(table.num_rows):
+        for name in table.column_names:
+            try:
+                table.column(name)[index].as_py()
+            except UnicodeDecodeError as err:
+                character = len(err.object[: err.start].decode("utf-8")) + 1  # the bytes before it decode
+                raise ValueError(
+                    f"{path}: row {index}, column {name!r} is not valid UTF-8 "
+                    f"(byte 0x{err.object[err.start]:02x} at character {character})"
+                ) from None
+    # Not reached while every cell that fails inside the whole-table conversion also fails alone.
+    raise ValueError(f"{path}: not valid UTF-8 ({failure})")
+
+
+def decode_utf8(data: bytes, origin: str, first_line: int = 1) -> str:
+    """`data` decoded as UTF-8, or a ValueError naming `origin` and the line (`data` starting on line
+    `first_line`), column and value of the first byte that is not UTF-8.
+
+    >>> decode_utf8(b'["\\xc3\\xa9"]', "x.json")
+    '["é"]'
+    >>> decode_utf8(b'[\\n "\\xc3\\xa9\\xff"]', "x.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: x.json: line 2 is not valid UTF-8 (byte 0xff at column 4)
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start  # offset of the first bad byte in `data`
+        line = first_line + data.count(b"\n", 0, bad)
+        line_start = data.rfind(b"\n", 0, bad) + 1
+        column = len(data[line_start:bad].decode("utf-8")) + 1  # characters, as an editor counts them
+        where = f"{origin}: line {line}"
+        raise ValueError(f"{where} is not valid UTF-8 (byte 0x{data[bad]:02x} at column {column})") from None
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text with its newline) for each line of a UTF-8 text file, read as bytes and
+    decoded one line at a time so that a bad byte is reported with its line (see `decode_utf8`)."""
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            yield line_no, decode_utf8(raw, str(path), line_no)

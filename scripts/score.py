@@ -4,8 +4,8 @@
 
 Each input row needs `completion` (str) and `answer` (the gold final answer: a str, or a list of acceptable
 answers). Each output row is the input row plus `reward` (1.0, 0.0 or null when it cannot be judged) and
-`status`, in input order. Every row is checked before any scoring, and the output is written to a temporary
-file and renamed, so a bad row or a crash never leaves a partial output behind.
+`status`, in input order. The output path and every row are checked before any scoring, and the output is
+written to a temporary file and renamed, so a bad row or a crash never leaves a partial output behind.
 """
 
 from __future__ import annotations
@@ -23,39 +23,52 @@ import _bootstrap  # noqa: F401 - makes `rewards` importable from a plain checko
 from tqdm import tqdm
 
 from rewards import RewardConfig, RewardPool, status_counts
+from rl.data import utf8_lines
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file, each checked for `completion` and `answer`; errors name the row and the key."""
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not rows
-            where = f"{path}: row {len(rows)} (line {line_number})"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("completion", "answer"):
-                if key not in row:
-                    raise ValueError(f"{where}: missing key {key!r}")
-            if not isinstance(row["completion"], str):
-                raise ValueError(
-                    f"{where}: key 'completion' must be a string, got {type(row['completion']).__name__}"
-                )
-            answer = row["answer"]
-            if not (
-                isinstance(answer, str)
-                or (isinstance(answer, list) and all(isinstance(a, str) for a in answer))
-            ):
-                raise ValueError(
-                    f"{where}: key 'answer' must be a string or a list of strings, got {answer!r:.100}"
-                )
-            rows.append(row)
+    for line_number, line in utf8_lines(path):  # a byte that is not UTF-8 is named with its line
+        if not line.strip():
+            continue  # blank lines (a trailing newline) are not rows
+        where = f"{path}: row {len(rows)} (line {line_number})"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        for key in ("completion", "answer"):
+            if key not in row:
+                raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(row["completion"], str):
+            raise ValueError(
+                f"{where}: key 'completion' must be a string, got {type(row['completion']).__name__}"
+            )
+        answer = row["answer"]
+        if not (
+            isinstance(answer, str) or (isinstance(answer, list) and all(isinstance(a, str) for a in answer))
+        ):
+            raise ValueError(
+                f"{where}: key 'answer' must be a string or a list of strings, got {answer!r:.100}"
+            )
+        rows.append(row)
     return rows
+
+
+def check_output(output: Path, source: Path) -> None:
+    """Raise ValueError, before anything is read or scored, for an output path that is a directory, is the
+    input file, or lies under a file. A missing parent directory is fine: it is created when writing."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory")
+    if output.exists() and source.exists() and output.samefile(source):
+        raise ValueError(f"--output {output} is the input file {source}")
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--output {output}: {ancestor} is not a directory")
 
 
 def write_rows_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -90,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"timeout_s": args.timeout, "workers": args.workers, "memory_mb": args.memory_mb}
     config = RewardConfig(**{k: v for k, v in overrides.items() if v is not None})
     try:
+        check_output(args.output, args.input)
         rows = read_rows(args.input)
     except (OSError, ValueError) as err:
         print(f"score.py: {err}", file=sys.stderr)

@@ -249,6 +249,49 @@ def test_non_object_row_and_bad_json(tmp_path: Path) -> None:
         load_problems(DataConfig(name="deepscaler", path=str(tmp_path / "d.json")), "train")
 
 
+# Line 3 of each file holds "é?" then 0xff, a byte that never occurs in UTF-8. The column counts characters:
+# `{"problem": "é?` is 15 of them (16 bytes), so the bad byte is at column 16; the .json file's line 3 opens
+# with one more space (column 17).
+_BAD_UTF8 = "é?".encode() + b"\xff"
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "where"),
+    [
+        (
+            "d.jsonl",
+            b'{"problem": "P?", "answer": "1"}\n\n{"problem": "' + _BAD_UTF8 + b'", "answer": "2"}\n',
+            "line 3 is not valid UTF-8 (byte 0xff at column 16)",
+        ),
+        (
+            "d.json",
+            b'[\n {"problem": "P?", "answer": "1"},\n {"problem": "' + _BAD_UTF8 + b'", "answer": "2"}\n]',
+            "line 3 is not valid UTF-8 (byte 0xff at column 17)",
+        ),
+    ],
+    ids=["jsonl", "json"],
+)
+def test_bad_utf8_names_file_and_line(tmp_path: Path, file: str, content: bytes, where: str) -> None:
+    path = tmp_path / file
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_problems(DataConfig(name="deepscaler", path=str(path)), "train")
+    assert info.type is ValueError  # not a bare UnicodeDecodeError (a ValueError subclass)
+    assert str(info.value) == f"{path}: {where}"
+
+
+def test_bad_utf8_in_parquet_names_row_and_column(tmp_path: Path) -> None:
+    # pyarrow writes a string column without checking it, so the raw bytes can be placed in one by hand.
+    problems = pa.Array.from_buffers(pa.string(), 2, pa.array([b"P?", _BAD_UTF8]).buffers())
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"problem": problems, "answer": ["1", "2"]}), path)
+    with pytest.raises(ValueError) as info:
+        load_problems(DataConfig(name="deepscaler", path=str(path)), "train")
+    assert info.type is ValueError
+    # "é?" is 2 characters, so 0xff is the 3rd.
+    assert str(info.value) == f"{path}: row 1, column 'problem' is not valid UTF-8 (byte 0xff at character 3)"
+
+
 def test_missing_file_and_bad_suffix_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(ValueError, match=f"{missing}.*does not exist"):

@@ -103,3 +103,40 @@ def test_score_cli_names_invalid_json_line(
     # The blank line is skipped but still counted in line numbers, so the message points at line 3.
     assert "row 1 (line 3): not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_score_cli_names_bad_utf8_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # Line 2 is `{"completion": "x` then 0xff (never a UTF-8 byte): 17 characters before it, so column 18.
+    source.write_bytes(b'{"completion": "x", "answer": "1"}\n{"completion": "x\xff", "answer": "1"}\n')
+    assert _load_script(monkeypatch).main(["--input", str(source), "--output", str(target)]) == 2
+    stderr = capsys.readouterr().err
+    assert f"{source}: line 2 is not valid UTF-8 (byte 0xff at column 18)" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["directory", "input", "parent is a file"])
+def test_score_cli_rejects_bad_output_before_reading_or_scoring(
+    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "in.jsonl"
+    _write_jsonl(source, [{"completion": r"\boxed{1}", "answer": "1"}])
+    (tmp_path / "file").write_text("x\n", encoding="utf-8")
+    output, message = {
+        "directory": (tmp_path, f"--output {tmp_path} is a directory"),
+        "input": (source, f"--output {source} is the input file {source}"),
+        "parent is a file": (tmp_path / "file" / "out.jsonl", f"{tmp_path / 'file'} is not a directory"),
+    }[case]
+    script = _load_script(monkeypatch)
+
+    def not_reached(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the input was read or a reward pool was started")
+
+    monkeypatch.setattr(script, "read_rows", not_reached)
+    monkeypatch.setattr(script, "RewardPool", not_reached)
+    assert script.main(["--input", str(source), "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.jsonl"]
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "x\n"
