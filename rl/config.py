@@ -8,18 +8,19 @@ trainer's per-mode evaluation), from the same recipe tree the scripts use.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from rewards.config import RewardConfig
 from rl.data import DataConfig
 from rl.logger import LoggerConfig
-from rl.model import ModelConfig
-from rl.tiny_base import TinyBaseConfig
+from rl.model import ModelConfig, apply_profile, check_model_path, is_tiny_base
+from rl.tiny_base import TinyBaseConfig, ensure_tiny_base
 from rl.trainer import RLConfig, TrainerConfig
 from rollouts.config import CotConfig
 
@@ -42,6 +43,12 @@ class EvaluateConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     output_dir: str = "outputs/eval"
 
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.batch_size < 1:
+            raise ValueError(f"n={self.n}, batch_size={self.batch_size}: both must be >= 1")
+        if Path(self.output_dir).resolve() == Path(self.model.path).expanduser().resolve():
+            raise ValueError(f"output_dir={self.output_dir!r} is model.path: a model directory is read-only")
+
 
 @dataclass
 class TrainConfig:
@@ -55,6 +62,17 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     output_dir: str = "outputs/train"
+
+
+def prepare_model(raw: Any, overrides: list[str]) -> str | None:
+    """Make the composed config `raw`'s model ready to load, before anything else runs: the project's tiny base
+    is built if it is missing (only in its one place, `TINY_BASE_DIR`), a local path without a saved model
+    fails naming it, and a softgrpo model directory's profile sets the prompt format and CoT limits unless the
+    command line `overrides` set them (rl/model.py). Returns the profile's note, if any."""
+    if is_tiny_base(raw.model.path):
+        ensure_tiny_base(to_object(compose("tiny_base"), TinyBaseConfig))
+    check_model_path(raw.model.path)
+    return apply_profile(raw.model, overrides)
 
 
 def register_configs() -> None:
@@ -103,8 +121,29 @@ def load_infer_recipe(name: str, cot: CotConfig) -> CotConfig:
     return OmegaConf.to_object(merged)
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its schema does not have (Hydra's `+key=value` adds them silently)."""
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    names = {f.name for f in dataclasses.fields(schema)}
+    out = []
+    for key in node.keys():
+        if key not in names:
+            out.append(f"{prefix}{key}")
+        elif isinstance(child := node._get_node(key), DictConfig) and not child._is_missing():
+            out += unknown_keys(child, f"{prefix}{key}.")
+    return out
+
+
 def to_object(cfg: Any, schema: type[T]) -> T:
-    """The typed dataclass behind a composed config (runs every `__post_init__` check)."""
+    """The typed dataclass behind a composed config (runs every `__post_init__` check); a key the schema does
+    not have is an error naming it."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(
+            f"unknown config keys {unknown}: not in {schema.__name__} (a typo, or a `+` override?)"
+        )
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, schema):
         raise TypeError(f"config resolved to {type(obj).__name__}, expected {schema.__name__}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +54,9 @@ def _jsonable(value: float | int) -> float | int | None:
 
 class MetricsLogger:
     """Appends `{"step": s, **metrics}` lines to `output_dir/metrics.jsonl` (append mode, so a resumed run
-    continues the same file) and forwards to W&B when enabled.
+    continues the same file, after `drop_rows_after` removed the steps it will redo) and forwards to W&B when
+    enabled, under the run id kept in `output_dir/wandb_run_id`: a resumed run continues the same W&B run, which
+    keeps the first value logged for a step.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
@@ -80,6 +83,7 @@ class MetricsLogger:
                 mode=cfg.wandb_mode,
                 dir=str(self.path.parent),
                 config=run_config,
+                id=wandb_run_id(self.path.parent),
                 resume="allow",
             )
 
@@ -96,13 +100,63 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of the run in `run_dir`: made once and kept in `run_dir/wandb_run_id`."""
+    file = run_dir / "wandb_run_id"
+    if file.is_file():
+        return file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    file.write_text(run_id + "\n")
+    return run_id
+
+
+def drop_rows_after(path: str | Path, step: int) -> int:
+    """Rewrite the metrics.jsonl at `path` (atomically) without its rows past `step`: the steps a resumed run
+    will redo. A last line cut short (the process killed mid-write) goes too; any other malformed line is an
+    error naming it. Returns the number of rows dropped (0 when there is no file).
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+    >>> _ = p.write_text("".join(json.dumps({"step": s}) + "\\n" for s in (1, 2, 3, 3)) + '{"step": 4, "lo')
+    >>> drop_rows_after(p, 2), [r["step"] for r in read_metrics(p)]
+    (3, [1, 2])
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    lines = text.splitlines()
+    cut_short = bool(lines) and not text.endswith("\n") and not _parses(lines[-1])
+    rows = read_metrics_lines(lines[:-1] if cut_short else lines, path)
+    keep = [r for r in rows if r["step"] <= step]
+    if len(keep) == len(rows) and not cut_short:
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+    return len(rows) - len(keep) + cut_short
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 CURVES = ("reward_mean", "cot_len", "cot_entropy", "grad_norm", "cot_grad_norm", "gap_cot")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl; a malformed line is an error naming the file and line."""
+    return read_metrics_lines(Path(path).read_text().splitlines(), path)
+
+
+def read_metrics_lines(lines: list[str], path: str | Path) -> list[dict[str, Any]]:
+    """The rows of the lines of the metrics.jsonl at `path` (named in errors)."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

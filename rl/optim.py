@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -88,6 +88,25 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_warmup(cfg: OptimConfig, total_steps: int) -> tuple[OptimConfig, str | None]:
+    """`cfg` with a warmup that fits a run of `total_steps`: one longer than the run is cut to a tenth of it
+    (the note says so); otherwise `cfg` unchanged and no note.
+
+    >>> fit_warmup(OptimConfig(warmup_steps=10), 8)[0].warmup_steps
+    0
+    >>> fit_warmup(OptimConfig(warmup_steps=10), 30) == (OptimConfig(warmup_steps=10), None)
+    True
+    """
+    if cfg.warmup_steps <= total_steps:
+        return cfg, None
+    short = total_steps // 10
+    note = (
+        f"rl.optim.warmup_steps={cfg.warmup_steps} is longer than the run (trainer.max_steps={total_steps}); "
+        f"warming up over {short} steps (a tenth of the run)"
+    )
+    return replace(cfg, warmup_steps=short), note
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None = None) -> LambdaLR:

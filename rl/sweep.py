@@ -1,6 +1,6 @@
 """Gathering a Hydra multirun sweep into a table and a heatmap.
 
-Each run directory (`multirun/<override_dirname>/`) holds `.hydra/overrides.yaml` (what was swept) and
+Each run directory (`multirun/<date>/<job number>/`) holds `.hydra/overrides.yaml` (what was swept) and
 `summary.json` (written by the trainer). A run without a summary (still running, or crashed) is listed with
 its status instead of being dropped.
 """

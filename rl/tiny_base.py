@@ -6,6 +6,13 @@ seed), and a plain loop keeps it deterministic, dependency-light and fast on 2 C
 
 An SFT example is `render_prompt(question) + cot + "</think>" + "\\boxed{answer}" + eos`; the loss covers the
 completion only (everything after the rendered prompt).
+
+The same weights on every machine (`build_pinned`): the build runs in a child process with one thread
+(`OMP_NUM_THREADS=MKL_NUM_THREADS=1`: torch's parallel reductions split their sums by thread count, so 1, 2 and
+3 threads round differently), with torch's CPU kernels pinned to AVX2 (`ATEN_CPU_CAPABILITY=avx2`, instead of
+AVX-512 where the processor has it) and MKL in its AVX2 reproducibility mode (`MKL_CBWR=AVX2`). These must be
+set before torch loads, hence the child process. A new user's tiny base, and so the README's "before" numbers,
+match the ones measured here on any x86-64 processor with AVX2.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +33,18 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rewards.extract import answer_phase, last_boxed
-from rl.model import ModelConfig
+from rl.model import TINY_BASE_DIR, ModelConfig, ModelProfile, is_tiny_base
 from rl.prompts import PromptConfig, render_prompt
 from rl.synthetic import SyntheticConfig, SyntheticExample, make_examples
 from rl.tokenizer import build_char_tokenizer
 
 REPORT_FILE = "tiny_base_report.json"
+PINNED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+}
 
 
 @dataclass
@@ -59,13 +75,13 @@ class TinySFTConfig:
 @dataclass
 class TinyBaseConfig:
     """`python scripts/make_tiny_base.py output_dir=DIR` builds this. `eval_problems` test problems are
-    decoded greedily for the held-out accuracy. The prompt format is `model.prompt` (recipes/model/tiny.yaml),
-    the same one the trainer and evaluator render."""
+    decoded greedily (`model.max_think_tokens + model.max_answer_tokens` new tokens) for the held-out accuracy.
+    The prompt format and CoT limits are `model`'s (recipes/model/tiny.yaml), written into the built
+    directory's profile, so the trainer and evaluator render and think exactly as the model was trained."""
 
     output_dir: str = ".cache/tiny_base"
     seed: int = 0
     eval_problems: int = 200
-    max_new_tokens: int = 48
     arch: TinyModelConfig = field(default_factory=TinyModelConfig)
     sft: TinySFTConfig = field(default_factory=TinySFTConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -77,6 +93,7 @@ class TinyBaseConfig:
         spec = asdict(self)
         spec.pop("output_dir")
         spec["model"].pop("path")
+        spec["pinned"] = PINNED_ENV  # how it is built (module docstring) shapes the weights too
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -211,12 +228,14 @@ def make_tiny_base(cfg: TinyBaseConfig, progress: bool = True) -> dict[str, floa
     model = build_model(cfg.arch, tokenizer, cfg.seed)
     losses = train_sft(model, tokenizer, cfg, progress=progress)
     test = make_examples(cfg.synthetic, "test")[: cfg.eval_problems]
-    accuracy = greedy_accuracy(model, tokenizer, test, cfg.model.prompt, cfg.max_new_tokens)
+    new_tokens = cfg.model.max_think_tokens + cfg.model.max_answer_tokens
+    accuracy = greedy_accuracy(model, tokenizer, test, cfg.model.prompt, new_tokens)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    ModelProfile.of(cfg.model, "tiny base build").save(out)
     report = {
         "heldout_accuracy": accuracy,
         "params": sum(p.numel() for p in model.parameters()),
@@ -227,3 +246,46 @@ def make_tiny_base(cfg: TinyBaseConfig, progress: bool = True) -> dict[str, floa
     }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def build_pinned(cfg: TinyBaseConfig) -> dict:
+    """`make_tiny_base(cfg)` in a child process with `PINNED_ENV` (see the module docstring); its progress bar
+    shows here. Returns the report."""
+    from omegaconf import OmegaConf
+
+    spec = json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    root = str(TINY_BASE_DIR.parents[1])  # the child imports rl/ from this checkout, installed or not
+    env = {
+        **os.environ,
+        **PINNED_ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    subprocess.run([sys.executable, "-m", "rl.tiny_base", spec], env=env, check=True)
+    return json.loads((Path(cfg.output_dir) / REPORT_FILE).read_text())
+
+
+def ensure_tiny_base(cfg: TinyBaseConfig) -> dict:
+    """The report of the tiny base at `cfg.output_dir`, built there first (pinned) unless a build of this exact
+    recipe is there already (its report's fingerprint matches). Only the project's own tiny base directory
+    (`rl.model.TINY_BASE_DIR`) is ever built into this way."""
+    out = Path(cfg.output_dir)
+    if not is_tiny_base(cfg.output_dir):
+        raise ValueError(f"ensure_tiny_base: {out} is not the tiny base directory {TINY_BASE_DIR}")
+    report_path = out / REPORT_FILE
+    if report_path.exists() and (out / "config.json").exists():
+        report = json.loads(report_path.read_text())
+        if report.get("fingerprint") == cfg.fingerprint():
+            return report
+        print(f"[softgrpo] tiny base model at {out} was built from another recipe; rebuilding", flush=True)
+    else:
+        print(
+            f"[softgrpo] tiny base model not found at {out}; building it (a few minutes on CPU)", flush=True
+        )
+    return build_pinned(cfg)
+
+
+if __name__ == "__main__":  # the child process of build_pinned
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.merge(OmegaConf.structured(TinyBaseConfig), json.loads(sys.argv[1]))
+    make_tiny_base(OmegaConf.to_object(spec))

@@ -40,15 +40,22 @@ from tqdm.auto import tqdm
 
 from rewards import STATUSES, RewardPool, combine_rewards, format_reward, paired_lift
 from rl.advantages import AdvantageConfig, compute_advantages
-from rl.checkpoint import DEEPSPEED_TAG, TrainState, checkpoint_dirs, load_checkpoint, save_checkpoint
-from rl.data import Problem, load_problems
+from rl.checkpoint import (
+    DEEPSPEED_TAG,
+    TrainState,
+    latest_verified_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from rl.data import Problem, load_problems, require_problems
 from rl.evaluation import ModeSummary, evaluate_mode, plot_pass_at_k, special_ids
-from rl.logger import MetricsLogger, NullLogger, plot_training_curves, read_metrics
+from rl.logger import MetricsLogger, NullLogger, drop_rows_after, plot_training_curves, read_metrics
 from rl.logprobs import LogProbConfig, SequenceLogProbs, log_prob_gap, sequence_log_probs
 from rl.loss import LossConfig, loss_normalizer, policy_loss
-from rl.model import load_policy
-from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step
+from rl.model import ModelProfile, load_policy
+from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step, fit_warmup
 from rl.prompts import encode_prompts
+from rl.rundir import CONFIG_FILE, RESUME_MODES, RunPlan, plan_run
 from rl.runtime import resolve_device, seed_everything
 from rl.sharding import (
     SHARDINGS,
@@ -106,9 +113,11 @@ class TrainerConfig:
     eval_primary: str = "soft_sample"
     eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
     save_every: int = 50
-    keep_last: int = 2
+    keep_last: int = 2  # 0 = keep every checkpoint
     diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
-    resume: str = "auto"  # auto = continue from the newest checkpoint in output_dir; never = start fresh
+    # auto = continue the run in output_dir when its config agrees (rl/rundir.py); never = start fresh, refuse a
+    # used output_dir; overwrite = delete the run in output_dir and start fresh
+    resume: str = "auto"
     # none | fsdp2 | zero2 | zero3 (rl/sharding.py) | auto = what the accelerate launch config asks for
     sharding: str = "auto"
     # zero3: parameters with fewer elements stay whole on every process (DeepSpeed's default 1e5)
@@ -120,8 +129,20 @@ class TrainerConfig:
                 f"trainer.max_steps={self.max_steps}, prompts_per_step={self.prompts_per_step}, "
                 f"rollout_chunk={self.rollout_chunk}: must be >= 1"
             )
-        if self.resume not in ("auto", "never"):
-            raise ValueError(f"trainer.resume={self.resume!r}: expected 'auto' or 'never'")
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"trainer.resume={self.resume!r}: expected one of {RESUME_MODES}")
+        if self.save_every < 1:
+            raise ValueError(
+                f"trainer.save_every={self.save_every}: must be >= 1 (steps between checkpoints)"
+            )
+        for key in ("eval_every", "keep_last", "diag_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 0 (0 = off)")
+        for key in ("eval_problems", "eval_n", "eval_batch_size"):
+            if self.eval_modes and getattr(self, key) < 1:
+                raise ValueError(
+                    f"trainer.{key}={getattr(self, key)}: must be >= 1 (or trainer.eval_modes=[])"
+                )
         if self.sharding not in ("auto", *SHARDINGS):
             raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
         if self.zero3_persistence_threshold < 0:
@@ -221,13 +242,17 @@ def resolve_sharding(distributed_type: str, requested: str, world: int, zero_sta
 
 
 class Trainer:
-    """Holds the run's model, optimizer and state; `run()` trains and writes summary.json."""
+    """Holds the run's model, optimizer and state; `run()` trains and writes summary.json.
 
-    def __init__(self, cfg: Any, config_yaml: str) -> None:
+    The run directory is checked first, before anything is loaded or written (rl/rundir.py)."""
+
+    def __init__(self, cfg: Any) -> None:
         from accelerate import PartialState
+        from omegaconf import OmegaConf
 
         self.cfg = cfg
-        self.config_yaml = config_yaml
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        self.plan: RunPlan = plan_run(cfg.output_dir, self.config_yaml, cfg.trainer.resume)
         self.dist = PartialState(cpu=cfg.trainer.device == "cpu")
         self.rank, self.world = self.dist.process_index, self.dist.num_processes
         kind = str(self.dist.distributed_type).rsplit(".", 1)[-1]
@@ -245,6 +270,18 @@ class Trainer:
             )
         self.device = self.dist.device if self.world > 1 else resolve_device(cfg.trainer.device)
         self.out = Path(cfg.output_dir)
+        if self.plan.overwrite:
+            if self.main:
+                print(f"[softgrpo] trainer.resume=overwrite: deleting the run in {self.out}", flush=True)
+                self.plan.clear()
+            if self.world > 1:
+                dist.barrier()
+        # the data first: a bad file or an empty split fails before a model is loaded
+        data = cfg.data
+        self.train_problems = require_problems(load_problems(data, data.train_split), data, data.train_split)
+        self.eval_problems = load_problems(data, data.eval_split)[: cfg.trainer.eval_problems]
+        if cfg.trainer.eval_modes:
+            require_problems(self.eval_problems, data, data.eval_split)
         seed_everything(cfg.trainer.seed)
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.model.train()
@@ -261,7 +298,10 @@ class Trainer:
         self.think_end_ids, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
         # per-parameter AdamW loops: foreach kernels refuse a group that mixes sharded and replicated tensors
         self.opt = build_optimizer(self.model, cfg.rl.optim, foreach=False if self.layers else None)
-        self.sched = build_scheduler(self.opt, cfg.rl.optim, total_steps=cfg.trainer.max_steps)
+        optim_cfg, note = fit_warmup(cfg.rl.optim, cfg.trainer.max_steps)
+        if note and self.main:
+            print(f"[softgrpo] {note}", flush=True)
+        self.sched = build_scheduler(self.opt, optim_cfg, total_steps=cfg.trainer.max_steps)
         self.engine = (
             init_deepspeed(
                 self.model,
@@ -279,8 +319,6 @@ class Trainer:
         self.local_param_fraction = local_param_fraction(self.model)
         self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
         self.state.reward_status = dict.fromkeys(STATUSES, 0)
-        self.train_problems = load_problems(cfg.data, cfg.data.train_split)
-        self.eval_problems = load_problems(cfg.data, cfg.data.eval_split)[: cfg.trainer.eval_problems]
         self.resumed_from = self._maybe_resume()
         self._stop = False
 
@@ -291,19 +329,21 @@ class Trainer:
         return cot.noise_scale * rms[cot.rms] if cot.continuous else 0.0
 
     def _maybe_resume(self) -> Path | None:
-        if self.cfg.trainer.resume == "never":
+        if not self.plan.resume:
             return None
-        found = checkpoint_dirs(self.out / "checkpoints")
-        if not found:
+        found = latest_verified_checkpoint(
+            self.out / "checkpoints", warn=lambda msg: print(msg, flush=True) if self.main else None
+        )
+        if found is None:
             return None
         self.state = load_checkpoint(
-            found[-1], self.model, self.opt, self.sched, sharding=self.sharding, engine=self.engine
+            found, self.model, self.opt, self.sched, sharding=self.sharding, engine=self.engine
         )
         if self.copy is not None:
             self.copy.mark_stale()
         if self.main:
-            print(f"[softgrpo] resumed from {found[-1]} (step {self.state.step})", flush=True)
-        return found[-1]
+            print(f"[softgrpo] resumed from {found} (step {self.state.step})", flush=True)
+        return found
 
     @contextmanager
     def generation_policy(self) -> Iterator[torch.nn.Module]:
@@ -522,17 +562,28 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         cfg, tcfg = self.cfg, self.cfg.trainer
+        summary_path = self.out / "summary.json"
+        # a resumed run keeps its pre-training evaluation (the same config evaluated the same base)
+        summary: dict[str, Any] = (
+            json.loads(summary_path.read_text()) if self.plan.resume and summary_path.exists() else {}
+        )
+        if "eval_after" in summary and self.state.step >= tcfg.max_steps and (self.out / "final").is_dir():
+            if self.main:
+                print(
+                    f"[softgrpo] {self.out} holds this run, complete at step {self.state.step}: nothing to do "
+                    f"(a larger trainer.max_steps trains on)",
+                    flush=True,
+                )
+            return summary
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(self.config_yaml)
+            (self.out / CONFIG_FILE).write_text(self.config_yaml)
+            drop_rows_after(self.out / "metrics.jsonl", self.state.step)  # steps past the checkpoint rerun
         logger = (
             MetricsLogger(self.out, cfg.logger, {"config": self.config_yaml}) if self.main else NullLogger()
         )
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        summary_path = self.out / "summary.json"
-        summary: dict[str, Any] = (
-            json.loads(summary_path.read_text()) if self.resumed_from and summary_path.exists() else {}
-        )
+        saved_step = self.state.step if self.resumed_from else None  # the step of the newest checkpoint
         try:
             with RewardPool(cfg.reward) as pool:
                 if "eval_before" not in summary:
@@ -561,14 +612,20 @@ class Trainer:
                                 )
                     if step % tcfg.save_every == 0 or self._stop:
                         self.checkpoint()
+                        saved_step = step
                 bar.close()
                 if self._stop:
-                    print(
-                        f"[softgrpo] SIGTERM: checkpoint written at step {self.state.step}; exiting",
-                        flush=True,
+                    # a step under way when the signal came finished and was checkpointed in the loop
+                    done = (
+                        "no training step was taken, no checkpoint written"
+                        if saved_step is None
+                        else f"the newest checkpoint is step {saved_step}"
                     )
+                    if self.main:
+                        print(f"[softgrpo] SIGTERM at step {self.state.step}: {done}; exiting", flush=True)
                     raise SystemExit(143)
-                self.checkpoint()
+                if saved_step != self.state.step:
+                    self.checkpoint()
                 with self.generation_policy() as policy:
                     if self.main:
                         summary["eval_after"] = self._eval_block(
@@ -589,6 +646,7 @@ class Trainer:
                     summary_path.write_text(json.dumps(summary, indent=2))
                     self._saveable().save_pretrained(self.out / "final", state_dict=final_state)
                     self.tokenizer.save_pretrained(self.out / "final")
+                    self.profile().save(self.out / "final")
                     self._plot(summary)
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -663,6 +721,18 @@ class Trainer:
         copy (refreshed by `_full_state`, which the callers run first)."""
         return self.copy.module if self.copy is not None else self.model
 
+    def profile(self) -> ModelProfile:
+        """What the trained policy's directories say about it: the prompt format and the CoT limits it was
+        trained with (rl/model.py)."""
+        written_by = (
+            f"softgrpo train step {self.state.step} (cot={self.cfg.cot.name}, from {self.cfg.model.path})"
+        )
+        limits = {
+            "max_think_tokens": self.cfg.cot.max_think_tokens,
+            "max_answer_tokens": self.cfg.cot.max_answer_tokens,
+        }
+        return ModelProfile(self.cfg.model.prompt, written_by=written_by, **limits)
+
     def checkpoint(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -686,6 +756,7 @@ class Trainer:
                 model_state=model_state,
                 optimizer_state=optimizer_state,
                 extra_dirs=extra,
+                profile=self.profile(),
             )
         if self.world > 1:
             dist.barrier()

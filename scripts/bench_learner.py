@@ -21,11 +21,10 @@ from dataclasses import replace
 import _bootstrap  # noqa: F401
 import torch
 from bench_rollout import timed
-from omegaconf import OmegaConf
 
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
-from rl.config import TrainConfig, compose, register_configs, to_object
+from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
 from rl.loss import policy_loss
 from rl.trainer import Trainer
 
@@ -37,8 +36,9 @@ def main() -> None:
     args = ap.parse_intermixed_args()  # Hydra overrides may come before or after the options
     register_configs()
     raw = compose("train", [*args.overrides, "output_dir=/tmp/bench_learner", "trainer.resume=never"])
+    prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
     cfg = to_object(raw, TrainConfig)
-    trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
+    trainer = Trainer(cfg)
     with RewardPool(cfg.reward) as pool:
         rollouts, problems = trainer.rollout(step=1)
         rewards, _ = trainer.rewards(rollouts, problems, pool)

@@ -11,11 +11,12 @@ import json
 
 import _bootstrap  # noqa: F401
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from rewards import RewardPool
-from rl.config import RECIPES_DIR, EvaluateConfig, register_configs, to_object
-from rl.data import load_problems
+from rl.config import RECIPES_DIR, EvaluateConfig, prepare_model, register_configs, to_object
+from rl.data import load_problems, require_problems
 from rl.evaluation import evaluate_mode, write_outputs
 from rl.model import load_policy
 from rl.runtime import resolve_device, seed_everything
@@ -27,9 +28,13 @@ register_configs()
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="evaluate", version_base="1.3")
 def main(raw) -> None:
+    to_object(raw, EvaluateConfig)  # every setting checked before a model is built or loaded
+    note = prepare_model(raw, list(HydraConfig.get().overrides.task))
+    if note:
+        print(f"[softgrpo] {note}", flush=True)
     cfg = to_object(raw, EvaluateConfig)
     seed_everything(cfg.seed)
-    problems = load_problems(cfg.data, cfg.data.eval_split)
+    problems = require_problems(load_problems(cfg.data, cfg.data.eval_split), cfg.data, cfg.data.eval_split)
     model, tokenizer = load_policy(cfg.model, resolve_device(cfg.device))
     sigma = noise_sigma(input_embedding_matrix(model), cfg.infer)
     with RewardPool(cfg.reward) as pool:
@@ -45,7 +50,7 @@ def main(raw) -> None:
             seed=cfg.seed,
             batch_size=cfg.batch_size,
         )
-    out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw))
+    out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw, resolve=True))
     print(
         json.dumps(
             {

@@ -15,11 +15,10 @@ import argparse
 
 import _bootstrap  # noqa: F401
 import torch
-from omegaconf import OmegaConf
 
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
-from rl.config import TrainConfig, compose, register_configs, to_object
+from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
 from rl.diagnostics import gradient_agreement
 from rl.loss import policy_loss
 from rl.trainer import Trainer
@@ -42,9 +41,10 @@ def main() -> None:
             "rl.loss.cot_weight=1",
         ],
     )
+    prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
     cfg = to_object(raw, TrainConfig)
     cfg.trainer.prompts_per_step = args.prompts
-    trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
+    trainer = Trainer(cfg)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     grads: dict[str, list[torch.Tensor]] = {"cot": [], "answer": []}
     with RewardPool(cfg.reward) as pool:

@@ -16,9 +16,8 @@ import _bootstrap  # noqa: F401
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
 
-from rl.config import RECIPES_DIR, TrainConfig, register_configs, to_object
+from rl.config import RECIPES_DIR, TrainConfig, prepare_model, register_configs, to_object
 from rl.trainer import Trainer
 
 register_configs()
@@ -28,10 +27,14 @@ register_configs()
 def main(raw) -> None:
     run = HydraConfig.get()
     if run.mode == RunMode.MULTIRUN:
-        # each sweep job trains in its own multirun/<date>/<overrides>/ directory, beside Hydra's .hydra/
+        # each sweep job trains in its own multirun/<date>/<job number>/ directory, beside Hydra's .hydra/
         raw.output_dir = run.runtime.output_dir
+    to_object(raw, TrainConfig)  # every setting checked before a model is built or loaded
+    note = prepare_model(raw, list(run.overrides.task))
+    if note:
+        print(f"[softgrpo] {note}", flush=True)
     cfg = to_object(raw, TrainConfig)
-    trainer = Trainer(cfg, OmegaConf.to_yaml(raw))
+    trainer = Trainer(cfg)
     summary = trainer.run()
     if trainer.main:
         before, after = summary["eval_before"], summary["eval_after"]

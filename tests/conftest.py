@@ -33,8 +33,9 @@ def shared_data() -> Path:
 def tiny_base() -> Path:
     """The tiny base model of recipes/tiny_base.yaml, built once into .cache/tiny_base (and reused by later
     sessions while the recipe is unchanged: its fingerprint is checked)."""
-    from rl.model import ensure_tiny_base
+    from rl.config import compose, to_object
+    from rl.tiny_base import TinyBaseConfig, ensure_tiny_base
 
-    path = REPO_ROOT / ".cache" / "tiny_base"
-    ensure_tiny_base(path)
-    return path
+    cfg = to_object(compose("tiny_base"), TinyBaseConfig)
+    ensure_tiny_base(cfg)
+    return Path(cfg.output_dir)

@@ -87,7 +87,7 @@ def test_infer_recipes_inherit_training_lengths() -> None:
 def test_unknown_key_in_a_recipe_is_named(tmp_path: Path) -> None:
     recipes = tmp_path / "recipes"
     shutil.copytree(RECIPES_DIR, recipes)
-    (recipes / "model" / "typo.yaml").write_text("path: x\ntiny: false\ndtpye: bfloat16\n")
+    (recipes / "model" / "typo.yaml").write_text("path: x\ndtpye: bfloat16\n")
     register_configs()
     with initialize_config_dir(config_dir=str(recipes), version_base="1.3"):
         with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:

@@ -53,7 +53,7 @@ def test_evaluate_writes_samples_summary_and_plot(tiny_base: Path, tmp_path: Pat
 
 def test_missing_model_directory_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    done = evaluate(f"model.path={missing}", "model.tiny=false", f"output_dir={tmp_path / 'o'}")
+    done = evaluate(f"model.path={missing}", f"output_dir={tmp_path / 'o'}")
     assert done.returncode != 0 and str(missing) in done.stderr
 
 

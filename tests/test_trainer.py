@@ -35,7 +35,7 @@ def small_run(tiny_base: Path, out: Path, *extra: str) -> list[str]:
 
 def make_trainer(overrides: list[str]) -> Trainer:
     cfg = to_object(compose("train", overrides), TrainConfig)
-    return Trainer(cfg, "")
+    return Trainer(cfg)
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
