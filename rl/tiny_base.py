@@ -17,6 +17,7 @@ match the ones measured here on any x86-64 processor with AVX2.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -267,21 +268,28 @@ def build_pinned(cfg: TinyBaseConfig) -> dict:
 def ensure_tiny_base(cfg: TinyBaseConfig) -> dict:
     """The report of the tiny base at `cfg.output_dir`, built there first (pinned) unless a build of this exact
     recipe is there already (its report's fingerprint matches). Only the project's own tiny base directory
-    (`rl.model.TINY_BASE_DIR`) is ever built into this way."""
+    (`rl.model.TINY_BASE_DIR`) is ever built into this way. Processes started together (`accelerate launch`)
+    take a file lock: one builds, the others wait and reuse its build."""
     out = Path(cfg.output_dir)
     if not is_tiny_base(cfg.output_dir):
         raise ValueError(f"ensure_tiny_base: {out} is not the tiny base directory {TINY_BASE_DIR}")
-    report_path = out / REPORT_FILE
-    if report_path.exists() and (out / "config.json").exists():
-        report = json.loads(report_path.read_text())
-        if report.get("fingerprint") == cfg.fingerprint():
-            return report
-        print(f"[softgrpo] tiny base model at {out} was built from another recipe; rebuilding", flush=True)
-    else:
-        print(
-            f"[softgrpo] tiny base model not found at {out}; building it (a few minutes on CPU)", flush=True
-        )
-    return build_pinned(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report_path = out / REPORT_FILE
+        if report_path.exists() and (out / "config.json").exists():
+            report = json.loads(report_path.read_text())
+            if report.get("fingerprint") == cfg.fingerprint():
+                return report
+            print(
+                f"[softgrpo] tiny base model at {out} was built from another recipe; rebuilding", flush=True
+            )
+        else:
+            print(
+                f"[softgrpo] tiny base model not found at {out}; building it (a few minutes on CPU)",
+                flush=True,
+            )
+        return build_pinned(cfg)
 
 
 if __name__ == "__main__":  # the child process of build_pinned

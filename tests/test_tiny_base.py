@@ -103,3 +103,35 @@ def test_make_tiny_base_script_prints_json_last(tmp_path: Path) -> None:
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(last) >= {"heldout_accuracy", "params"}
     assert (tmp_path / "m" / "config.json").exists() and (tmp_path / "m" / "tokenizer.json").exists()
+
+
+def test_processes_started_together_build_the_tiny_base_once(tmp_path: Path, monkeypatch) -> None:
+    """`accelerate launch` starts every process on a missing tiny base: one builds under the file lock, the
+    others wait and find its build (the build itself is stood in for: it writes the report after a pause)."""
+    import threading
+    import time
+
+    import rl.tiny_base as tb
+
+    cfg = to_object(compose("tiny_base", [f"output_dir={tmp_path / 'tiny_base'}"]), TinyBaseConfig)
+    builds = []
+
+    def slow_build(c: TinyBaseConfig) -> dict:
+        builds.append(c.output_dir)
+        time.sleep(0.5)
+        out = Path(c.output_dir)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        report = {"fingerprint": c.fingerprint()}
+        (out / REPORT_FILE).write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(tb, "is_tiny_base", lambda path: True)
+    monkeypatch.setattr(tb, "build_pinned", slow_build)
+    reports = []
+    workers = [threading.Thread(target=lambda: reports.append(tb.ensure_tiny_base(cfg))) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(builds) == 1 and len(reports) == 3 and all(r == reports[0] for r in reports)
