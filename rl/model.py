@@ -16,7 +16,7 @@ one source of truth for that model: the entry scripts apply it over the recipe (
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +59,22 @@ class ModelProfile:
     prompt: PromptConfig
     max_think_tokens: int
     max_answer_tokens: int
-    written_by: str  # e.g. "tiny base build", "train step 72 (cot=soft)"
+    # rms(E) per kind ("entry", "row") of the embeddings the noise scale refers to: σ = noise_scale × rms is fixed
+    # by a run's STARTING embeddings, so a trained model keeps its run's, and is evaluated with the run's σ
+    embedding_rms: dict[str, float]
+    written_by: str  # e.g. "tiny base build", "softgrpo train step 72 (cot=soft, from ...)"
 
     @staticmethod
-    def of(model: ModelConfig, written_by: str) -> ModelProfile:
-        return ModelProfile(model.prompt, model.max_think_tokens, model.max_answer_tokens, written_by)
+    def of(model: ModelConfig, embedding_rms: dict[str, float], written_by: str) -> ModelProfile:
+        return ModelProfile(
+            model.prompt, model.max_think_tokens, model.max_answer_tokens, embedding_rms, written_by
+        )
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / PROFILE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+PROFILE_FIELDS = [f.name for f in fields(ModelProfile)]
 
 
 def read_profile(path: str | Path) -> ModelProfile | None:
@@ -80,9 +88,10 @@ def read_profile(path: str | Path) -> ModelProfile | None:
             prompt=PromptConfig(**data["prompt"]),
             max_think_tokens=int(data["max_think_tokens"]),
             max_answer_tokens=int(data["max_answer_tokens"]),
+            embedding_rms={str(k): float(v) for k, v in data["embedding_rms"].items()},
             written_by=str(data["written_by"]),
         )
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON or UTF-8, a missing or odd field
         raise ValueError(f"{file}: not a readable model profile ({type(err).__name__}: {err})") from err
 
 

@@ -34,10 +34,12 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rewards.extract import answer_phase, last_boxed
-from rl.model import TINY_BASE_DIR, ModelConfig, ModelProfile, is_tiny_base
+from rl.model import PROFILE_FIELDS, TINY_BASE_DIR, ModelConfig, ModelProfile, is_tiny_base
 from rl.prompts import PromptConfig, render_prompt
 from rl.synthetic import SyntheticConfig, SyntheticExample, make_examples
 from rl.tokenizer import build_char_tokenizer
+from rollouts.config import RMS_KINDS
+from rollouts.distributions import embedding_rms
 
 REPORT_FILE = "tiny_base_report.json"
 PINNED_ENV = {
@@ -80,7 +82,7 @@ class TinyBaseConfig:
     The prompt format and CoT limits are `model`'s (recipes/model/tiny.yaml), written into the built
     directory's profile, so the trainer and evaluator render and think exactly as the model was trained."""
 
-    output_dir: str = ".cache/tiny_base"
+    output_dir: str = str(TINY_BASE_DIR)
     seed: int = 0
     eval_problems: int = 200
     arch: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -95,6 +97,7 @@ class TinyBaseConfig:
         spec.pop("output_dir")
         spec["model"].pop("path")
         spec["pinned"] = PINNED_ENV  # how it is built (module docstring) shapes the weights too
+        spec["profile"] = PROFILE_FIELDS  # a build whose profile lacks a field is stale too
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -236,7 +239,9 @@ def make_tiny_base(cfg: TinyBaseConfig, progress: bool = True) -> dict[str, floa
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    ModelProfile.of(cfg.model, "tiny base build").save(out)
+    emb = model.get_input_embeddings().weight
+    rms = {kind: embedding_rms(emb, kind) for kind in RMS_KINDS}
+    ModelProfile.of(cfg.model, rms, "tiny base build").save(out)
     report = {
         "heldout_accuracy": accuracy,
         "params": sum(p.numel() for p in model.parameters()),

@@ -69,8 +69,7 @@ from rl.sharding import (
     prepare_zero3,
     shard_decoder_layers,
 )
-from rollouts.config import CotConfig
-from rollouts.distributions import embedding_rms
+from rollouts.distributions import embedding_rms, sigma_from_rms
 from rollouts.engine import generate, input_embedding_matrix
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
@@ -317,17 +316,12 @@ class Trainer:
             else None
         )
         self.local_param_fraction = local_param_fraction(self.model)
-        self.state = TrainState(rms=rms, sigma=self.sigma_for(cfg.cot, rms))
+        self.state = TrainState(rms=rms, sigma=sigma_from_rms(cfg.cot, rms))
         self.state.reward_status = dict.fromkeys(STATUSES, 0)
         self.resumed_from = self._maybe_resume()
         self._stop = False
 
     # ---------------------------------------------------------------- setup helpers
-    @staticmethod
-    def sigma_for(cot: CotConfig, rms: dict[str, float]) -> float:
-        """σ = noise_scale × rms of the STARTING embeddings (fixed for the run, saved with it)."""
-        return cot.noise_scale * rms[cot.rms] if cot.continuous else 0.0
-
     def _maybe_resume(self) -> Path | None:
         if not self.plan.resume:
             return None
@@ -537,7 +531,7 @@ class Trainer:
         out = {}
         for name in modes:
             infer = load_infer_recipe(name, self.cfg.cot)
-            sigma = self.sigma_for(infer, self.state.rms)
+            sigma = sigma_from_rms(infer, self.state.rms)  # the run's starting embeddings
             _, summary = evaluate_mode(
                 policy,
                 self.tokenizer,
@@ -731,7 +725,9 @@ class Trainer:
             "max_think_tokens": self.cfg.cot.max_think_tokens,
             "max_answer_tokens": self.cfg.cot.max_answer_tokens,
         }
-        return ModelProfile(self.cfg.model.prompt, written_by=written_by, **limits)
+        return ModelProfile(
+            self.cfg.model.prompt, **limits, embedding_rms=self.state.rms, written_by=written_by
+        )
 
     def checkpoint(self) -> None:
         if self.world > 1:

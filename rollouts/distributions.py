@@ -95,6 +95,16 @@ def embedding_rms(embedding: torch.Tensor, kind: str = "entry") -> float:
 
 def noise_sigma(embedding: torch.Tensor, cfg: CotConfig) -> float:
     """σ = noise_scale × rms(E) for continuous modes, 0 for hard. Computed once from the starting E."""
+    return sigma_from_rms(cfg, {cfg.rms: embedding_rms(embedding, cfg.rms)})
+
+
+def sigma_from_rms(cfg: CotConfig, rms: dict[str, float]) -> float:
+    """σ = noise_scale × rms[cfg.rms] for continuous modes, 0 for hard, from rms(E) measured earlier (per kind):
+    a run's starting embeddings, kept with the run and with the models it writes.
+
+    >>> sigma_from_rms(CotConfig(noise_scale=0.5, rms="row"), {"entry": 1.0, "row": 3.0})
+    1.5
+    """
     if not cfg.continuous or cfg.noise_scale == 0:
         return 0.0
-    return cfg.noise_scale * embedding_rms(embedding, cfg.rms)
+    return cfg.noise_scale * rms[cfg.rms]

@@ -57,7 +57,8 @@ def _profiled_dir(tmp_path: Path) -> Path:
     model_dir.mkdir()
     (model_dir / "config.json").write_text("{}")
     prompt = PromptConfig(instruction="Box it.", think_start="<t>", think_end="</t>", use_chat_template=False)
-    ModelProfile(prompt, 40, 12, "softgrpo train step 9 (cot=soft)").save(model_dir)
+    rms = {"entry": 0.5, "row": 2.0}
+    ModelProfile(prompt, 40, 12, rms, "softgrpo train step 9 (cot=soft)").save(model_dir)
     return model_dir
 
 
@@ -66,6 +67,7 @@ def test_a_profile_round_trips_and_a_broken_one_is_named(tmp_path: Path) -> None
     profile = read_profile(model_dir)
     assert profile is not None and (profile.max_think_tokens, profile.max_answer_tokens) == (40, 12)
     assert profile.prompt.think_end == "</t>" and read_profile(tmp_path) is None
+    assert profile.embedding_rms == {"entry": 0.5, "row": 2.0}
     (model_dir / PROFILE_FILE).write_text(json.dumps({"prompt": {}}))
     with pytest.raises(ValueError, match=f"{PROFILE_FILE}: not a readable model profile"):
         read_profile(model_dir)

@@ -163,9 +163,11 @@ def test_evaluating_a_trained_policy_reads_it_only_and_thinks_as_it_was_trained(
     tiny_base: Path, tmp_path: Path
 ) -> None:
     """The README's evaluate example on a run's final/: the directory is byte for byte unchanged, and the
-    evaluation uses the CoT limits the run trained with (its profile), not the tiny recipe's 48 + 16."""
+    evaluation uses the CoT limits the run trained with (its profile), not the tiny recipe's 48 + 16, and the
+    run's σ, so it reproduces the run's own after-training evaluation problem for problem."""
     out = tmp_path / "run"
-    train = [sys.executable, "scripts/train.py", *small_run(tiny_base, out, "trainer.max_steps=1")]
+    evals = ["trainer.eval_modes=[soft_sample]", "trainer.eval_problems=4", "trainer.eval_n=2"]
+    train = [sys.executable, "scripts/train.py", *small_run(tiny_base, out, "trainer.max_steps=1", *evals)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(train, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
     final = out / "final"
@@ -180,6 +182,9 @@ def test_evaluating_a_trained_policy_reads_it_only_and_thinks_as_it_was_trained(
     assert "prompt format and CoT limits 24 + 10" in done.stdout  # small_run trains with 24 + 10
     saved = (tmp_path / "eval" / "config.yaml").read_text()
     assert "max_think_tokens: 24" in saved and "max_answer_tokens: 10" in saved
+    run_after = json.loads((out / "summary.json").read_text())["eval_after"]["soft_sample"]
+    evaluated = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert evaluated["per_problem_pass1"] == run_after["per_problem_pass@1"]
     mistyped = subprocess.run([*evaluate[:2], f"model.path={out / 'fnal'}"], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
     assert mistyped.returncode != 0 and f"model.path='{out / 'fnal'}' does not exist" in mistyped.stderr
