@@ -91,7 +91,12 @@ def read_profile(path: str | Path) -> ModelProfile | None:
             embedding_rms={str(k): float(v) for k, v in data["embedding_rms"].items()},
             written_by=str(data["written_by"]),
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as err:  # bad JSON or UTF-8, a missing or odd field
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+    ) as err:  # bad JSON or UTF-8, a missing or odd field
         raise ValueError(f"{file}: not a readable model profile ({type(err).__name__}: {err})") from err
 
 
