@@ -78,7 +78,7 @@ PROFILE_FIELDS = [f.name for f in fields(ModelProfile)]
 
 
 def read_profile(path: str | Path) -> ModelProfile | None:
-    """The profile of the model directory `path`, or None when it has none (a hub id, a foreign model)."""
+    """The profile of the model directory `path`, or None when there is none (a hub id, a foreign model)."""
     file = Path(path) / PROFILE_FILE
     if not file.is_file():
         return None
@@ -135,7 +135,7 @@ def apply_profile(model: Any, overrides: list[str]) -> str | None:
     """Set the prompt format and CoT limits of the `model` config node (an OmegaConf DictConfig, edited in
     place) from its directory's profile, except keys the command line set (`overrides`, Hydra's list).
     Returns a note saying what was taken, or None when the directory has no profile."""
-    profile = read_profile(model.path) if looks_local(model.path) else None
+    profile = read_profile(model.path)  # a hub id has no such local file: None
     if profile is None:
         return None
     given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}

@@ -38,8 +38,7 @@ from rl.model import PROFILE_FIELDS, TINY_BASE_DIR, ModelConfig, ModelProfile, i
 from rl.prompts import PromptConfig, render_prompt
 from rl.synthetic import SyntheticConfig, SyntheticExample, make_examples
 from rl.tokenizer import build_char_tokenizer
-from rollouts.config import RMS_KINDS
-from rollouts.distributions import embedding_rms
+from rollouts.distributions import embedding_rms_by_kind
 
 REPORT_FILE = "tiny_base_report.json"
 PINNED_ENV = {
@@ -239,8 +238,7 @@ def make_tiny_base(cfg: TinyBaseConfig, progress: bool = True) -> dict[str, floa
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    emb = model.get_input_embeddings().weight
-    rms = {kind: embedding_rms(emb, kind) for kind in RMS_KINDS}
+    rms = embedding_rms_by_kind(model.get_input_embeddings().weight)
     ModelProfile.of(cfg.model, rms, "tiny base build").save(out)
     report = {
         "heldout_accuracy": accuracy,

@@ -69,7 +69,7 @@ from rl.sharding import (
     prepare_zero3,
     shard_decoder_layers,
 )
-from rollouts.distributions import embedding_rms, sigma_from_rms
+from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
 from rollouts.engine import generate, input_embedding_matrix
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
@@ -285,7 +285,7 @@ class Trainer:
         self.model, self.tokenizer = load_policy(cfg.model, self.device)
         self.model.train()
         emb = input_embedding_matrix(self.model)  # whole on every process until sharding starts
-        rms = {which: embedding_rms(emb, which) for which in ("entry", "row")}
+        rms = embedding_rms_by_kind(emb)
         self.layers = shard_decoder_layers(self.model) if self.sharding == "fsdp2" else []
         self.copy = GenerationCopy(self.model) if self.sharding == "zero3" else None
         if self.copy is not None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from rollouts.config import CotConfig
+from rollouts.config import RMS_KINDS, CotConfig
 
 
 def filter_logits(
@@ -91,6 +91,11 @@ def embedding_rms(embedding: torch.Tensor, kind: str = "entry") -> float:
     if kind == "row":
         return e.pow(2).sum(dim=-1).mean().sqrt().item()
     raise ValueError(f"rms kind {kind!r}: expected 'entry' or 'row'")
+
+
+def embedding_rms_by_kind(embedding: torch.Tensor) -> dict[str, float]:
+    """rms(E) of every kind in RMS_KINDS: what a run keeps of its starting embeddings to fix σ."""
+    return {kind: embedding_rms(embedding, kind) for kind in RMS_KINDS}
 
 
 def noise_sigma(embedding: torch.Tensor, cfg: CotConfig) -> float:

@@ -18,10 +18,9 @@ from rewards import RewardPool
 from rl.config import RECIPES_DIR, EvaluateConfig, prepare_model, register_configs, to_object
 from rl.data import load_problems, require_problems
 from rl.evaluation import evaluate_mode, write_outputs
-from rl.model import load_policy, looks_local, read_profile
+from rl.model import load_policy, read_profile
 from rl.runtime import resolve_device, seed_everything
-from rollouts.config import RMS_KINDS
-from rollouts.distributions import embedding_rms, sigma_from_rms
+from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
 from rollouts.engine import input_embedding_matrix
 
 register_configs()
@@ -39,9 +38,8 @@ def main(raw) -> None:
     model, tokenizer = load_policy(cfg.model, resolve_device(cfg.device))
     # σ from the rms(E) the model's run started from (its profile), as the run's own evaluations use; a model
     # without a profile: from its embeddings
-    profile = read_profile(cfg.model.path) if looks_local(cfg.model.path) else None
-    emb = input_embedding_matrix(model)
-    rms = profile.embedding_rms if profile else {kind: embedding_rms(emb, kind) for kind in RMS_KINDS}
+    profile = read_profile(cfg.model.path)
+    rms = profile.embedding_rms if profile else embedding_rms_by_kind(input_embedding_matrix(model))
     sigma = sigma_from_rms(cfg.infer, rms)
     with RewardPool(cfg.reward) as pool:
         rows, summary = evaluate_mode(
