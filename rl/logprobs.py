@@ -427,7 +427,7 @@ def _shared_prompt_body(
         inputs_embeds=embedding(unique.clamp(min=0)),
         attention_mask=(ppos < u_len[:, None]).long(),
         position_ids=ppos.expand(unique.shape[0], -1),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).last_hidden_state  # [U, P, H]
     cache.batch_select_indices(inverse)  # [U, ...] -> [N, ...]
@@ -436,7 +436,7 @@ def _shared_prompt_body(
         inputs_embeds=suffix,
         attention_mask=torch.cat([ppos < p_len[:, None], spos < s_len[:, None]], dim=1).long(),  # [N, P + S]
         position_ids=p_len[:, None] + spos,  # [N, S]
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).last_hidden_state  # [N, S, H]
 

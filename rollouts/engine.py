@@ -265,7 +265,7 @@ def generate(
         inputs_embeds=embedding[unique_prompts],  # [B, P, d]
         attention_mask=unique_mask.long(),
         position_ids=(unique_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [B, P]
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -280,7 +280,7 @@ def generate(
             inputs_embeds=feed[:, None].to(embedding.dtype),  # [N, 1, d]
             attention_mask=st.attention_mask[:, : width + step + 1],
             position_ids=st.next_pos[:, None],  # [N, 1]
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         st.next_pos += 1
