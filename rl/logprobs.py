@@ -57,7 +57,7 @@ from transformers import DynamicCache
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
 from rollouts.engine import input_embedding_matrix
-from rollouts.record import Rollouts
+from rollouts.record import SAMPLING_FIELDS, Rollouts
 
 
 @dataclass
@@ -123,69 +123,35 @@ def sequence_log_probs(
 ) -> SequenceLogProbs:
     """Score every CoT step and every sampled answer token of `rollouts` under `model` (see module docstring).
 
-    `cot` must be the CotConfig the rollouts were generated with (mode, temperature and filter are reused);
+    `cot` must be the CotConfig the rollouts were generated with: its mode, temperature and CoT filter
+    (top_k / top_p / min_p) are reused to score, and must equal the ones the rollouts record, else ValueError.
     `answer_temperature` / `answer_top_p`: how the answer tokens were sampled (training: 1.0 / 1.0; a greedy
-    temperature 0 is scored at 1), i.e. `cot.answer_temperature` / `cot.answer_top_p` of the rollout config.
+    temperature 0 is scored at 1), i.e. `cot.answer_temperature` / `cot.answer_top_p` of the rollout config;
+    `answer_top_p` must equal the recorded `rollouts.answer_top_p` (ValueError otherwise; the answer temperature
+    is not recorded, so it is not checked). Scoring under another filter than the one that drew the tokens would
+    silently give other log-probs: up to 0.23 nats per action on average in tests/test_logprobs.py.
     Runs with gradients when called under grad mode; call under `torch.no_grad()` for a reference model.
     """
     cfg = cfg or LogProbConfig()
-    if cot.mode != rollouts.cot_mode or cot.temperature != rollouts.temperature:
-        raise ValueError(
-            f"CotConfig (mode={cot.mode!r}, temperature={cot.temperature}) does not match the rollouts "
-            f"(mode={rollouts.cot_mode!r}, temperature={rollouts.temperature})"
-        )
+    _check_rollouts(rollouts, cot, answer_top_p)
     continuous = cot.continuous
-    if continuous and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
-        raise ValueError(
-            f"{cot.mode} CoT needs stored cot_inputs and sigma > 0 to score Gaussian actions "
-            f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
-        )
     embedding = model.get_input_embeddings()
     decoder = model.get_decoder()
     scorer = action_scorer(model)
     device = embedding.weight.device
-    dtype = embedding.weight.dtype
 
     prompt_mask = rollouts.prompt_mask.to(device)  # [N, P]
     cot_mask = rollouts.cot_mask.to(device)  # [N, T]
     answer_mask = rollouts.answer_mask.to(device)  # [N, A]
     action_mask = rollouts.answer_action_mask.to(device) & answer_mask  # [N, A]
-    _check_right_padded(cot_mask, "cot_mask")
-    _check_right_padded(answer_mask, "answer_mask")
-    p_len = prompt_mask.sum(dim=1)  # [N]
-    t_len = cot_mask.sum(dim=1)  # [N]
-    a_len = answer_mask.sum(dim=1)  # [N]
-    if bool((p_len == 0).any()):
-        raise ValueError(f"rows {(p_len == 0).nonzero().flatten().tolist()} have an empty prompt")
+    p_len, t_len, a_len = _lengths(prompt_mask, cot_mask, answer_mask)  # [N] each
     n, t_max = cot_mask.shape
     a_max = answer_mask.shape[1]
 
-    # --- each row's suffix: CoT inputs ; answer tokens ; right padding (S = longest suffix)
-    s_len = t_len + a_len  # [N]
-    width = int(s_len.max())
-    spos = torch.arange(width, device=device).unsqueeze(0)  # [1, S]
-    in_cot = spos < t_len[:, None]  # [N, S]
-    in_answer = (spos >= t_len[:, None]) & (spos < s_len[:, None])  # [N, S]
-    cot_index = spos.clamp(0, max(t_max - 1, 0)).expand(n, -1)  # [N, S] CoT step at each position
-    answer_index = (spos - t_len[:, None]).clamp(0, a_max - 1)  # [N, S]
-    suffix_ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), 0)  # [N, S]
-    if not continuous and t_max > 0:
-        suffix_ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), suffix_ids)
-    suffix = embedding(suffix_ids)  # [N, S, d]
-    h_all: torch.Tensor | None = None
-    if continuous:
-        assert rollouts.cot_inputs is not None
-        h_all = rollouts.cot_inputs.to(device=device, dtype=torch.float32).detach()  # [N, T, d] constants
-        if t_max > 0:
-            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, S, d]
-            suffix = torch.where(in_cot[..., None], h_seq.to(dtype), suffix)
-    # real prompt tokens moved to the front, in order (prompts are left-padded; any mask pattern works)
-    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # [N, P]
-    prompt_ids = torch.where(
-        torch.arange(order.shape[1], device=device)[None] < p_len[:, None],
-        rollouts.prompt_ids.to(device).gather(1, order),
-        -1,
-    )  # [N, P] real tokens then -1
+    suffix, s_len, h_all = _suffixes(
+        embedding, rollouts, t_len, a_len, continuous
+    )  # [N, S, d], [N], [N, T, d]
+    prompt_ids = _prompts_first(rollouts.prompt_ids.to(device), prompt_mask, p_len)  # [N, P]
     shared = cfg.share_prompts and not _has_sliding_layers(model.config)
     body = _shared_prompt_body if shared else _packed_body
     hidden_at = body(decoder, embedding, prompt_ids, p_len, suffix, s_len)
@@ -228,6 +194,75 @@ def sequence_log_probs(
         sigma=rollouts.sigma if continuous else 0.0,
         cot_entropy=scatter(rows, steps, scores.cot_entropy, t_max),
         answer_entropy=scatter(a_rows, a_steps, scores.answer_entropy, a_max),
+    )
+
+
+def _lengths(
+    prompt_mask: torch.Tensor, cot_mask: torch.Tensor, answer_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's prompt, CoT and answer length [N], after checking the CoT and answer are right-padded and no
+    prompt is empty."""
+    _check_right_padded(cot_mask, "cot_mask")
+    _check_right_padded(answer_mask, "answer_mask")
+    p_len = prompt_mask.sum(dim=1)  # [N]
+    if bool((p_len == 0).any()):
+        raise ValueError(f"rows {(p_len == 0).nonzero().flatten().tolist()} have an empty prompt")
+    return p_len, cot_mask.sum(dim=1), answer_mask.sum(dim=1)
+
+
+def _check_rollouts(rollouts: Rollouts, cot: CotConfig, answer_top_p: float) -> None:
+    """The rollouts were generated the way `cot` (and `answer_top_p`) would score them; else ValueError."""
+    if cot.mode != rollouts.cot_mode or cot.temperature != rollouts.temperature:
+        raise ValueError(
+            f"CotConfig (mode={cot.mode!r}, temperature={cot.temperature}) does not match the rollouts "
+            f"(mode={rollouts.cot_mode!r}, temperature={rollouts.temperature})"
+        )
+    _check_sampling(rollouts, cot, answer_top_p)
+    if cot.continuous and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
+        raise ValueError(
+            f"{cot.mode} CoT needs stored cot_inputs and sigma > 0 to score Gaussian actions "
+            f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
+        )
+
+
+def _suffixes(
+    embedding: torch.nn.Module, rollouts: Rollouts, t_len: torch.Tensor, a_len: torch.Tensor, continuous: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each row's suffix [CoT inputs ; answer tokens ; right padding] as input vectors [N, S, d] (S = the longest
+    suffix), its length s_len [N], and the stored CoT vectors h [N, T, d] as float32 constants (None for hard)."""
+    device, dtype = embedding.weight.device, embedding.weight.dtype
+    n, t_max = rollouts.cot_mask.shape
+    a_max = rollouts.answer_mask.shape[1]
+    s_len = t_len + a_len  # [N]
+    width = int(s_len.max())
+    spos = torch.arange(width, device=device).unsqueeze(0)  # [1, S]
+    in_cot = spos < t_len[:, None]  # [N, S]
+    in_answer = (spos >= t_len[:, None]) & (spos < s_len[:, None])  # [N, S]
+    cot_index = spos.clamp(0, max(t_max - 1, 0)).expand(n, -1)  # [N, S] CoT step at each position
+    answer_index = (spos - t_len[:, None]).clamp(0, a_max - 1)  # [N, S]
+    suffix_ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), 0)  # [N, S]
+    if not continuous and t_max > 0:
+        suffix_ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), suffix_ids)
+    suffix = embedding(suffix_ids)  # [N, S, d]
+    h_all: torch.Tensor | None = None
+    if continuous:
+        assert rollouts.cot_inputs is not None
+        h_all = rollouts.cot_inputs.to(device=device, dtype=torch.float32).detach()  # [N, T, d] constants
+        if t_max > 0:
+            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, S, d]
+            suffix = torch.where(in_cot[..., None], h_seq.to(dtype), suffix)
+    return suffix, s_len, h_all
+
+
+def _prompts_first(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p_len: torch.Tensor) -> torch.Tensor:
+    """[N, P] each row's real prompt tokens moved to the front, in order, then -1 (prompts are left-padded; any
+    mask pattern works)."""
+    device = prompt_ids.device
+    order = torch.argsort((~prompt_mask).to(torch.int8), dim=1, stable=True)  # [N, P]
+    return torch.where(
+        torch.arange(order.shape[1], device=device)[None] < p_len[:, None],
+        prompt_ids.gather(1, order),
+        -1,
     )
 
 
@@ -340,6 +375,23 @@ def log_prob_gap(rollouts: Rollouts, learner: SequenceLogProbs) -> LogProbGap:
         cot=cot_diff.mean().item() if cot_diff.numel() else 0.0,
         answer=ans_diff.mean().item() if ans_diff.numel() else 0.0,
     )
+
+
+def _check_sampling(rollouts: Rollouts, cot: CotConfig, answer_top_p: float) -> None:
+    """Raise ValueError naming every filter setting (`rollouts.record.SAMPLING_FIELDS`) that differs between the
+    scoring call (`cot`'s CoT filter, the `answer_top_p` argument) and what the rollouts were generated with."""
+    wanted = {"top_k": cot.top_k, "top_p": cot.top_p, "min_p": cot.min_p, "answer_top_p": answer_top_p}
+    assert wanted.keys() == set(SAMPLING_FIELDS)
+    differ = [
+        f"{'' if name == 'answer_top_p' else 'cot.'}{name}={value} but the rollouts were generated with "
+        f"{name}={getattr(rollouts, name)}"
+        for name, value in wanted.items()
+        if value != getattr(rollouts, name)
+    ]
+    if differ:
+        raise ValueError(
+            f"cannot score rollouts under another filter than they were sampled with: {'; '.join(differ)}"
+        )
 
 
 def _chunked(

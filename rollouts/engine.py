@@ -73,6 +73,35 @@ class DecodeState:
     answer_action: torch.Tensor  # [N, A] bool
     answer_logprobs: torch.Tensor  # [N, A] float32
 
+    @staticmethod
+    def empty(prompt_mask: torch.Tensor, steps: int, t_max: int, a_buf: int, d: int | None) -> DecodeState:
+        """The state before the first decode step of rows with `prompt_mask` [N, P]: room for `steps` fed inputs,
+        `t_max` CoT steps (at least 1 column), `a_buf` answer tokens, and CoT vectors of width `d` (None: hard)."""
+        n, device = prompt_mask.shape[0], prompt_mask.device
+
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        t_buf = max(t_max, 1)
+        return DecodeState(
+            phase=zeros(n),
+            next_pos=prompt_mask.sum(dim=1),
+            attention_mask=torch.cat([prompt_mask.long(), zeros(n, steps)], dim=1),
+            cot_len=zeros(n),
+            delim_idx=zeros(n),
+            answer_len=zeros(n),
+            sampled=zeros(n),
+            think_end=zeros(n),
+            cot_inputs=None if d is None else zeros(n, t_buf, d, dtype=torch.float32),
+            cot_ids=zeros(n, t_buf),
+            cot_top1=zeros(n, t_buf),
+            cot_entropy=zeros(n, t_buf, dtype=torch.float32),
+            cot_logprobs=zeros(n, t_buf, dtype=torch.float32),
+            answer_ids=zeros(n, a_buf),
+            answer_action=zeros(n, a_buf, dtype=torch.bool),
+            answer_logprobs=zeros(n, a_buf, dtype=torch.float32),
+        )
+
 
 def input_embedding_matrix(model: PreTrainedModel, detach: bool = True) -> torch.Tensor:
     """E [V, d] as the model sees it: a row is exactly what the embedding module returns for that id. That is the
@@ -209,6 +238,8 @@ def generate(
     `sigma` is the noise std σ, computed once by the caller with `noise_sigma(input_embedding_matrix(model), cfg)`
     from the starting embeddings (0 for hard or noiseless modes). `generator` must live on the model's device. When `tokenizer` is
     given, `answer_texts` holds the decoded sampled answer tokens (delimiter excluded, special tokens skipped).
+    The record carries `cfg`'s mode, τ and filters (top_k / top_p / min_p, answer_top_p) and σ: the learner
+    scores it only under the same ones.
     """
     if group_size < 1:
         raise ValueError(f"group_size={group_size}: must be >= 1")
@@ -226,27 +257,8 @@ def generate(
     t_max, d_len, a_max = cfg.max_think_tokens, len(think_end_ids), cfg.max_answer_tokens
     steps = t_max + d_len + a_max  # worst case: T CoT inputs, D delimiter tokens, A answer tokens
 
-    def zeros(*shape, dtype=torch.long):
-        return torch.zeros(shape, dtype=dtype, device=device)
-
-    t_buf, a_buf = max(t_max, 1), d_len + a_max
-    st = DecodeState(
-        phase=zeros(n),
-        next_pos=prompt_mask.sum(dim=1),
-        attention_mask=torch.cat([prompt_mask.long(), zeros(n, steps)], dim=1),
-        cot_len=zeros(n),
-        delim_idx=zeros(n),
-        answer_len=zeros(n),
-        sampled=zeros(n),
-        think_end=zeros(n),
-        cot_inputs=zeros(n, t_buf, emb32.shape[1], dtype=torch.float32) if cfg.continuous else None,
-        cot_ids=zeros(n, t_buf),
-        cot_top1=zeros(n, t_buf),
-        cot_entropy=zeros(n, t_buf, dtype=torch.float32),
-        cot_logprobs=zeros(n, t_buf, dtype=torch.float32),
-        answer_ids=zeros(n, a_buf),
-        answer_action=zeros(n, a_buf, dtype=torch.bool),
-        answer_logprobs=zeros(n, a_buf, dtype=torch.float32),
+    st = DecodeState.empty(
+        prompt_mask, steps, t_max, d_len + a_max, emb32.shape[1] if cfg.continuous else None
     )
     stepper = _Stepper(
         cfg,
@@ -334,4 +346,8 @@ def _finish(
         sigma=float(sigma),
         temperature=cfg.temperature,
         answer_texts=texts,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        min_p=cfg.min_p,
+        answer_top_p=cfg.answer_top_p,
     )

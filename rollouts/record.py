@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+SAMPLING_FIELDS = ("top_k", "top_p", "min_p", "answer_top_p")
+"""The `CotConfig` filter settings a `Rollouts` records, under the same names: top-k / top-p / min-p of the CoT
+distribution p_t = softmax(filter(z) / τ) and the answer tokens' nucleus. Every behaviour log-prob was computed
+under them, so the learner refuses to score the rollouts under other ones (rl.logprobs.sequence_log_probs)."""
+
 THINK_END_REASONS = ("token", "delimiter", "entropy", "max_tokens")
 """Why thinking ended, indexed by `Rollouts.think_end`:
 token = the top-1 token was the think-end token (hard mode: the sampled token was);
@@ -65,6 +70,16 @@ class Rollouts:
     sigma: float  # noise std σ used for the Gaussian CoT steps (0 for hard or noiseless)
     temperature: float  # CoT temperature τ
     answer_texts: list[str] = field(default_factory=list)  # N decoded answer phases (filled by the engine)
+    # How the tokens were drawn, which the learner must reuse to score them (see `SAMPLING_FIELDS`):
+    top_k: int = 0  # CoT filter top-k (CotConfig.top_k; 0 = off)
+    top_p: float = 1.0  # CoT filter nucleus mass (CotConfig.top_p; 1.0 = off)
+    min_p: float = 0.0  # CoT filter min-p floor (CotConfig.min_p; 0.0 = off)
+    answer_top_p: float = 1.0  # nucleus of the answer tokens (CotConfig.answer_top_p; 1.0 = off)
+
+    @property
+    def sampling(self) -> dict[str, int | float]:
+        """The recorded filter settings by `CotConfig` field name (`SAMPLING_FIELDS`)."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
 
     @property
     def num_rollouts(self) -> int:
@@ -160,6 +175,7 @@ class Rollouts:
             sigma=self.sigma,
             temperature=self.temperature,
             answer_texts=self.answer_texts[rows] if self.answer_texts else [],
+            **self.sampling,
         )
 
 
@@ -177,7 +193,7 @@ def _pad_to(
 
 def concat_rollouts(parts: list[Rollouts], pad_id: int = 0) -> Rollouts:
     """Stack batches row-wise: prompts re-left-padded, CoT and answers re-right-padded, group indices offset
-    so that groups stay distinct. All parts must share mode, σ and τ."""
+    so that groups stay distinct. All parts must share mode, σ, τ and the filter settings (`SAMPLING_FIELDS`)."""
     if not parts:
         raise ValueError("concat_rollouts: nothing to concatenate")
     if len(parts) == 1:
@@ -186,6 +202,16 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int = 0) -> Rollouts:
     for p in parts[1:]:
         if (p.cot_mode, p.sigma, p.temperature) != (first.cot_mode, first.sigma, first.temperature):
             raise ValueError("concat_rollouts: parts differ in cot_mode, sigma or temperature")
+    for i, p in enumerate(parts[1:], start=1):
+        differ = [
+            f"{name}={getattr(first, name)} in part 0 but {name}={getattr(p, name)} in part {i}"
+            for name in SAMPLING_FIELDS
+            if getattr(p, name) != getattr(first, name)
+        ]
+        if differ:
+            raise ValueError(
+                f"concat_rollouts: parts were sampled with different filters: {'; '.join(differ)}"
+            )
     width = max(p.prompt_ids.shape[1] for p in parts)
     t_len = max(p.cot_mask.shape[1] for p in parts)
     a_len = max(p.answer_mask.shape[1] for p in parts)
@@ -216,4 +242,5 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int = 0) -> Rollouts:
         sigma=first.sigma,
         temperature=first.temperature,
         answer_texts=[t for p in parts for t in p.answer_texts] if all(p.answer_texts for p in parts) else [],
+        **first.sampling,
     )

@@ -1,12 +1,17 @@
 """Teacher-forced log-probs (rl/logprobs.py): gradients of the Gaussian action, chunked == dense, batch
-independence, and the rollout-vs-learner contract against a hand-written autoregressive loop.
+independence, the rollout-vs-learner contract against a hand-written autoregressive loop, and the refusal to
+score rollouts under another filter (top-k / top-p / min-p, answer top-p) than the one they record.
 
-Models are random-weight tiny Llama / Qwen2 configs (float32, CPU), built here: no hub access.
+Models are random-weight tiny Llama / Qwen2 configs (float32, CPU), built here or by tests/arch.py (the rollout
+engine's model, for the filter tests on real rollouts): no hub access.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from rl.logprobs import LogProbConfig, SequenceLogProbs, log_prob_gap, sequence_log_probs
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, filter_logits, gaussian_log_prob, mixture_mean, noise_sigma
-from rollouts.record import Rollouts
+from rollouts.engine import generate, input_embedding_matrix
+from rollouts.modes import answer_log_probs
+from rollouts.record import Rollouts, concat_rollouts
+from rollouts.replay import replay
+from tests.arch import tiny_causal_lm
 
 VOCAB = 37
 HIDDEN = 16
@@ -109,6 +118,9 @@ def make_rollouts(
         think_end=torch.zeros(n, dtype=torch.long),
         sigma=sigma,
         temperature=cot.temperature,
+        top_k=cot.top_k,
+        top_p=cot.top_p,
+        min_p=cot.min_p,
     )
 
 
@@ -137,6 +149,7 @@ def select_rows(r: Rollouts, rows: list[int]) -> Rollouts:
         think_end=r.think_end[idx],
         sigma=r.sigma,
         temperature=r.temperature,
+        **r.sampling,
     )
 
 
@@ -363,6 +376,7 @@ def run_loop(
                 r.answer_logprobs[i, k] = logp[tok]
                 seq = torch.cat([seq, emb[tok][None]])
     r.sigma = sigma
+    r.answer_top_p = answer_top_p
     return r
 
 
@@ -404,7 +418,8 @@ def test_answer_nucleus_is_scored_like_the_rollout() -> None:
     r = run_loop(model, cot, [[5, 9], [7, 8, 20]], cot_lens=[2, 3], answer_lens=[6, 5], answer_top_p=0.6)
     with torch.no_grad():
         lp = sequence_log_probs(model, r, cot, answer_top_p=0.6)
-        full = sequence_log_probs(model, r, cot)
+        # the full distribution is what the learner would score without the record's answer_top_p check
+        full = sequence_log_probs(model, replace(r, answer_top_p=1.0), cot)
     mask = r.answer_action_mask
     assert (lp.answer - r.answer_logprobs)[mask].abs().max().item() < 1e-4
     assert bool((full.answer[mask] < lp.answer[mask] + 1e-6).all())
@@ -511,3 +526,180 @@ def test_detaching_the_mean_from_the_embedding_changes_only_that_gradient_path()
         p = torch.cat([replay(model, s, cot).cot_log_probs.exp() for s in r.samples()])  # [M, V]
     expected = p.T @ ((h - mu) / r.sigma**2)  # [V, d]
     torch.testing.assert_close(grads[0] - grads[1], expected, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the filter the rollouts were sampled with
+
+ENGINE_PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+NEVER_ENDS = (95, 95, 95)
+"""A think-end delimiter the engine model never completes: every row thinks max_think_tokens steps."""
+EOS = 1
+FILTER_SETTINGS = {"top_k": 3, "top_p": 0.7, "min_p": 0.2, "answer_top_p": 0.7}
+"""One strong setting per recorded field (off: 0 / 1.0 / 0.0 / 1.0), on the 96-token engine model."""
+NO_FILTER = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "answer_top_p": 1.0}
+
+
+@functools.cache
+def engine_model() -> torch.nn.Module:
+    """The rollout engine tests' tiny Llama (96 tokens, logits spread ~4 nats; see tests/arch.py)."""
+    return tiny_causal_lm("llama", tied=True, vocab_size=96, seed=0)
+
+
+def engine_rollouts(
+    model: torch.nn.Module, cot: CotConfig, prompts=ENGINE_PROMPTS, seed: int = 0
+) -> Rollouts:
+    """Real rollouts from `rollouts.engine.generate`, G = 4 samples per prompt."""
+    return generate(
+        model,
+        prompts,
+        cot,
+        group_size=4,
+        sigma=noise_sigma(input_embedding_matrix(model), cot),
+        think_end_ids=NEVER_ENDS,
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def _score(model, r: Rollouts, cot: CotConfig, answer_top_p: float | None = None) -> SequenceLogProbs:
+    with torch.no_grad():
+        return sequence_log_probs(
+            model, r, cot, answer_top_p=cot.answer_top_p if answer_top_p is None else answer_top_p
+        )
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("key", list(FILTER_SETTINGS))
+def test_scoring_under_another_filter_is_refused(key: str, mode: str) -> None:
+    # The engine records the filter; the learner accepts exactly that filter and refuses any other, naming the
+    # setting and both values (CoT filters through `cot`, the answer nucleus through `answer_top_p`).
+    model = engine_model()
+    tau = {"hard": 1.0, "soft": 0.5}[mode]
+    noise = 0.33 if mode == "soft" else 0.0
+    base = CotConfig(mode=mode, temperature=tau, noise_scale=noise, max_think_tokens=6, max_answer_tokens=4)
+    on, off = FILTER_SETTINGS[key], NO_FILTER[key]
+    name = key if key == "answer_top_p" else f"cot.{key}"
+    for generated, scored in ((on, off), (off, on)):
+        cot = replace(base, **{key: generated})
+        r = engine_rollouts(model, cot, ENGINE_PROMPTS[:2])
+        assert r.sampling == {**NO_FILTER, key: generated}
+        _score(model, r, cot)  # the generating settings are accepted
+        wrong = replace(cot, **{key: scored})
+        expect = f"{name}={scored} but the rollouts were generated with {key}={generated}"
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            _score(model, r, wrong)
+    # the mode / temperature check keeps its message
+    with pytest.raises(ValueError, match="does not match"):
+        _score(model, r, replace(cot, temperature=tau / 2))
+
+
+def test_every_differing_setting_is_named() -> None:
+    model = engine_model()
+    cot = CotConfig(mode="hard", temperature=1.0, top_k=3, min_p=0.2, max_think_tokens=4, max_answer_tokens=3)
+    r = engine_rollouts(model, cot, ENGINE_PROMPTS[:1])
+    with pytest.raises(ValueError) as err:
+        _score(model, r, replace(cot, top_k=0, top_p=0.9), answer_top_p=0.5)
+    message = str(err.value)
+    for part in (
+        "cot.top_k=0 but the rollouts were generated with top_k=3",
+        "cot.top_p=0.9 but the rollouts were generated with top_p=1.0",
+        "answer_top_p=0.5 but the rollouts were generated with answer_top_p=1.0",
+    ):
+        assert part in message, message
+    assert "min_p" not in message  # equal settings are not listed
+
+
+def test_recorded_filter_survives_select_and_concat() -> None:
+    # The trainer concatenates rollout chunks and splits them into micro-batches: the record must survive both,
+    # and the result must still score to the behaviour log-probs (gap < 1e-3, as for the engine's own output).
+    model = engine_model()
+    cot = CotConfig(
+        mode="soft",
+        temperature=0.5,
+        noise_scale=0.33,
+        top_k=5,
+        top_p=0.9,
+        min_p=0.05,
+        answer_top_p=0.8,
+        max_think_tokens=6,
+        max_answer_tokens=4,
+    )
+    recorded = {"top_k": 5, "top_p": 0.9, "min_p": 0.05, "answer_top_p": 0.8}
+    a = engine_rollouts(model, cot, ENGINE_PROMPTS[:2], seed=0)
+    b = engine_rollouts(model, cot, ENGINE_PROMPTS[2:], seed=1)
+    assert a.sampling == b.sampling == recorded
+    both = concat_rollouts([a.select(slice(2, 8)), b])
+    assert both.num_rollouts == 10 and both.sampling == recorded
+    part = both.select(slice(3, 9))
+    assert part.sampling == recorded
+    for r in (both, part):
+        gap = log_prob_gap(r, _score(model, r, cot))
+        assert gap.cot < 1e-3 and gap.answer < 1e-3, gap
+    with pytest.raises(ValueError, match="top_k"):
+        _score(model, part, replace(cot, top_k=4))
+    # parts sampled under different filters are not concatenated; the message names both values
+    c = engine_rollouts(model, replace(cot, top_k=3, answer_top_p=1.0), ENGINE_PROMPTS[2:])
+    with pytest.raises(ValueError) as err:
+        concat_rollouts([a, c])
+    assert "top_k=5 in part 0 but top_k=3 in part 1" in str(err.value)
+    assert "answer_top_p=0.8 in part 0 but answer_top_p=1.0 in part 1" in str(err.value)
+
+
+GAP_THRESHOLD = 0.1
+"""Nats. 100x the 1e-3 bound within which the learner reproduces the engine's log-probs under the right filter
+(measured ~1e-6 for hard, ~2e-5 for soft Gaussian densities): a mean gap above it cannot be float rounding."""
+
+
+@pytest.mark.parametrize(
+    "mode,key",
+    [("hard", "top_k"), ("hard", "top_p"), ("hard", "min_p"), ("hard", "answer_top_p"), ("soft", "top_k")],
+)
+def test_the_refusal_prevents_a_silent_gap(mode: str, key: str) -> None:
+    # What the check guards against. Rollouts are generated under a filter, then scored with the filter removed
+    # by forging the record (dataclasses.replace) so that the check passes. For a hard action a sampled from the
+    # filtered distribution, log p_filtered(a) - log p_full(a) = -log(mass the filter kept) > 0 at every action,
+    # so the mean gap is exactly the mean removed mass in log space; the replay recomputes it independently.
+    # Measured mean |gap| over 192 CoT steps / ~180 answer tokens (G = 4 x 3 prompts, T = 16, A <= 16):
+    #   hard top_k=3: 0.204 nats   hard top_p=0.7: 0.227   hard min_p=0.2: 0.210   answer_top_p=0.7: 0.234
+    #   soft (τ = 0.5, σ = 0.33 rms(E)) top_k=5: 0.180 (Gaussian density of h_t under the wrong μ_t)
+    # versus < 2e-5 under the right filter. Milder filters give less (hard top_k=5: 0.108, top_p=0.9: 0.086,
+    # answer_top_p=0.9: 0.084; soft top_p=0.9: 0.043), and on the trained tiny base (.cache/tiny_base, whose
+    # distributions are peaked) 0.01-0.08 nats: each is a bias in every ratio π_θ / π_old with no error raised.
+    model = engine_model()
+    tau = {"hard": 1.0, "soft": 0.5}[mode]
+    cot = CotConfig(
+        mode=mode,
+        temperature=tau,
+        noise_scale=0.33 if mode == "soft" else 0.0,
+        max_think_tokens=16,
+        max_answer_tokens=16,
+        **{key: 5 if (mode, key) == ("soft", "top_k") else FILTER_SETTINGS[key]},
+    )
+    r = engine_rollouts(model, cot)
+    right = log_prob_gap(r, _score(model, r, cot))
+    assert right.cot < 1e-3 and right.answer < 1e-3, right
+    unfiltered = replace(cot, **NO_FILTER)
+    with pytest.raises(ValueError, match=key):
+        _score(model, r, unfiltered)
+    forged = replace(r, **NO_FILTER)
+    wrong = log_prob_gap(r, _score(model, forged, unfiltered))
+    phase = "answer" if key == "answer_top_p" else "cot"
+    other = "cot" if phase == "answer" else "answer"
+    assert getattr(wrong, phase) > GAP_THRESHOLD, wrong
+    assert getattr(wrong, other) < 1e-3, wrong  # the other phase is scored under its right (absent) filter
+    if mode != "hard":
+        return
+    removed = []  # -log(kept mass) at every action of the phase, from the uncached replay
+    for i, s in enumerate(r.samples()):
+        rep, rep_filtered = replay(model, s, unfiltered), replay(model, s, cot)
+        if phase == "cot":
+            full, kept = rep.cot_log_probs, rep_filtered.cot_log_probs.isfinite()  # [T, V] (τ = 1)
+        else:
+            full = torch.log_softmax(rep.answer_logits, dim=-1)  # [A, V]
+            kept = answer_log_probs(rep.answer_logits, cot).isfinite()
+            actions = r.answer_action_mask[i, : len(s.answer_ids)]
+            full, kept = full[actions], kept[actions]
+        removed.append(-full.masked_fill(~kept, float("-inf")).logsumexp(dim=-1))
+    expected = torch.cat(removed).mean().item()
+    assert getattr(wrong, phase) == pytest.approx(expected, abs=1e-4)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
 
+from rl.logprobs import LogProbConfig, sequence_log_probs
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms, entropy, gaussian_log_prob, mixture_mean, noise_sigma
 from rollouts.engine import generate, input_embedding_matrix
@@ -511,3 +513,29 @@ def test_bf16_model_keeps_float32_records() -> None:
     assert torch.isfinite(r.cot_inputs).all() and torch.isfinite(r.cot_logprobs).all()
     # h_t keeps float32 detail: a bf16 round trip would change it
     assert not torch.equal(r.cot_inputs, r.cot_inputs.bfloat16().float())
+
+
+# ------------------------------------------------------------------------------------------- library warnings
+
+
+@pytest.mark.parametrize("arch,tied", ARCHS, ids=ARCH_IDS)
+def test_no_transformers_deprecation_warning(arch: str, tied: bool) -> None:
+    # The engine and the learner pass the KV cache as `cache=`: transformers 5.24 warns (FutureWarning) that
+    # `past_key_values=` is "deprecated and will be removed in version 5.40.0". Neither the engine's prefill and
+    # decode steps nor the learner's shared-prompt (cached), packed (uncached) and chunked-backward paths may
+    # emit any deprecation warning.
+    model = model_for(arch, tied)
+    cfg = CotConfig(mode="soft", temperature=0.5, noise_scale=0.33, max_think_tokens=6, max_answer_tokens=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run(model, cfg, group_size=2)
+        hard_cfg = CotConfig(mode="hard", temperature=1.0, max_think_tokens=6, max_answer_tokens=4)
+        hard = run(model, hard_cfg, group_size=2)
+        for share in (True, False):
+            with torch.no_grad():
+                sequence_log_probs(model, hard, hard_cfg, LogProbConfig(share_prompts=share))
+            lp = sequence_log_probs(model, r, cfg, LogProbConfig(chunk_size=4, share_prompts=share))
+            (lp.cot.sum() + lp.answer.sum()).backward()
+        model.zero_grad(set_to_none=True)
+    deprecated = [f"{w.category.__name__}: {w.message}" for w in caught if "deprecated" in str(w.message)]
+    assert not deprecated, deprecated
