@@ -3,7 +3,8 @@
 Public API (see each function's docstring for its policy):
 
 - `RewardConfig`: every knob and default of the package.
-- `RewardPool(config, **overrides).score(completions, golds) -> list[Result]`: the batch API for the learner.
+- `RewardPool(config, **overrides).score(completions, golds) -> list[Result]`: the batch API for the learner;
+  `.judge(completions, golds) -> Judged` adds the format reward (`rewards` and the `results` behind them).
 - `math_reward`, `format_reward`, `combine_rewards`: reward functions `(completions, answers) -> list`.
 - `Result`, `STATUSES`, `status_counts`: verdicts and their counts for logging.
 - `answer_phase`, `last_boxed`, `normalize_gold`, `gold_candidates`, `gsm8k_gold`: extraction.
@@ -22,11 +23,12 @@ from rewards.passk import (
     pass_at_k,
     pass_at_k_per_problem,
 )
-from rewards.pool import RewardPool, math_reward
+from rewards.pool import Judged, RewardPool, math_reward
 from rewards.verify import Result, judge, status_counts
 
 __all__ = [
     "STATUSES",
+    "Judged",
     "PairedLift",
     "PassAtK",
     "Result",

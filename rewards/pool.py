@@ -53,6 +53,29 @@ def _kill_all(workers: list[_Worker]) -> None:
             worker.process.wait()
 
 
+@dataclass
+class Judged:
+    """A batch's rewards (None: cannot judge) and the correctness verdicts behind them, item by item."""
+
+    rewards: list[float | None]
+    results: list[Result]
+
+
+def _checked_batch(completions: Sequence[str], golds: Sequence[GoldAnswer]) -> list[GoldAnswer]:
+    """The golds as they travel to workers (tuples: any sequence of str is accepted, but only builtins pickle
+    cheaply), after checking the batch: equal lengths, string completions, usable golds (errors name the item)."""
+    if len(completions) != len(golds):
+        raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
+    for i, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
+        if not isinstance(completion, str):
+            raise TypeError(f"completion {i} is {type(completion).__name__}, expected str")
+        try:
+            gold_candidates(gold)
+        except TypeError as err:
+            raise TypeError(f"gold {i}: {err}") from err
+    return [g if isinstance(g, str) else tuple(g) for g in golds]
+
+
 class RewardPool:
     """Verification worker pool; use as a context manager.
 
@@ -152,18 +175,7 @@ class RewardPool:
         """
         if self._closed:
             raise RuntimeError("RewardPool is closed")
-        if len(completions) != len(golds):
-            raise ValueError(f"{len(completions)} completions but {len(golds)} golds")
-        for i, (completion, gold) in enumerate(zip(completions, golds, strict=True)):
-            if not isinstance(completion, str):
-                raise TypeError(f"completion {i} is {type(completion).__name__}, expected str")
-            try:
-                gold_candidates(gold)
-            except TypeError as err:
-                raise TypeError(f"gold {i}: {err}") from err
-        # Golds travel as tuples: any sequence of str is accepted, but only builtins pickle cheaply.
-        golds = [g if isinstance(g, str) else tuple(g) for g in golds]
-
+        golds = _checked_batch(completions, golds)
         results: list[Result | None] = [None] * len(completions)
         queue = deque(range(len(completions)))
         remaining = len(completions)
@@ -177,59 +189,9 @@ class RewardPool:
 
         try:
             while remaining:
-                for worker in list(self._workers):
-                    # Spares are ready workers too; the cap keeps at most `workers` items running at once.
-                    busy = sum(w.task is not None for w in self._workers)
-                    if worker.ready and worker.task is None and queue and busy < self.config.workers:
-                        index = queue.popleft()
-                        try:
-                            worker.conn.send((index, completions[index], golds[index]))
-                        except _PIPE_ERRORS:
-                            queue.appendleft(index)  # it died idle: the item was never seen, so retry it
-                            self._replace(worker)
-                            continue
-                        worker.task = index
-                        worker.deadline = time.monotonic() + self.config.timeout_s
-
-                now = time.monotonic()
-                next_deadline = min(
-                    w.deadline if w.ready else w.started_at + self.config.startup_timeout_s
-                    for w in self._workers
-                )
-                # Idle spares have no deadline; some worker is always busy or starting while items remain.
-                timeout = None if next_deadline == float("inf") else max(0.0, next_deadline - now)
-                signalled = wait([w.conn for w in self._workers], timeout=timeout)
-
-                for worker in list(self._workers):
-                    if worker.conn not in signalled:
-                        continue
-                    try:
-                        message: Any = worker.conn.recv()
-                    except _PIPE_ERRORS:  # EOF: the worker died
-                        exit_code = worker.process.wait()
-                        if not worker.ready:
-                            raise self._startup_failed(worker, f"exit code {exit_code}") from None
-                        if worker.task is not None:
-                            finish(worker.task, Result.of("error", f"worker died (exit code {exit_code})"))
-                        self._replace(worker)
-                        continue
-                    if message == READY:
-                        worker.ready = True
-                    else:
-                        index, result = message
-                        worker.task = None
-                        worker.deadline = float("inf")
-                        finish(index, result)
-
-                now = time.monotonic()
-                for worker in list(self._workers):
-                    if worker.ready and worker.task is not None and now >= worker.deadline:
-                        finish(worker.task, Result.of("timeout", f"killed after {self.config.timeout_s} s"))
-                        self._replace(worker)
-                    elif not worker.ready and now >= worker.started_at + self.config.startup_timeout_s:
-                        raise self._startup_failed(
-                            worker, f"not ready after {self.config.startup_timeout_s} s"
-                        )
+                self._dispatch(queue, completions, golds)
+                self._receive(finish)
+                self._enforce_deadlines(finish)
         except BaseException:
             # Interrupted (Ctrl-C, a failed start): results still in flight would land in the next batch,
             # so their workers are replaced rather than trusted.
@@ -242,11 +204,75 @@ class RewardPool:
             self.counts[status] += count
         return final
 
-    def rewards(self, completions: Sequence[str], golds: Sequence[GoldAnswer]) -> list[float | None]:
-        """Correctness plus `format_weight` times the format reward (see `combine_rewards`)."""
-        correctness = [r.reward for r in self.score(completions, golds)]
+    def _dispatch(self, queue: deque[int], completions: Sequence[str], golds: list[GoldAnswer]) -> None:
+        """Hand queued items to idle ready workers."""
+        for worker in list(self._workers):
+            # Spares are ready workers too; the cap keeps at most `workers` items running at once.
+            busy = sum(w.task is not None for w in self._workers)
+            if worker.ready and worker.task is None and queue and busy < self.config.workers:
+                index = queue.popleft()
+                try:
+                    worker.conn.send((index, completions[index], golds[index]))
+                except _PIPE_ERRORS:
+                    queue.appendleft(index)  # it died idle: the item was never seen, so retry it
+                    self._replace(worker)
+                    continue
+                worker.task = index
+                worker.deadline = time.monotonic() + self.config.timeout_s
+
+    def _receive(self, finish: Callable[[int, Result], None]) -> None:
+        """Wait until a worker speaks or the next deadline passes; take its result, readiness or death."""
+        now = time.monotonic()
+        next_deadline = min(
+            w.deadline if w.ready else w.started_at + self.config.startup_timeout_s for w in self._workers
+        )
+        # Idle spares have no deadline; some worker is always busy or starting while items remain.
+        timeout = None if next_deadline == float("inf") else max(0.0, next_deadline - now)
+        signalled = wait([w.conn for w in self._workers], timeout=timeout)
+        for worker in list(self._workers):
+            if worker.conn not in signalled:
+                continue
+            try:
+                message: Any = worker.conn.recv()
+            except _PIPE_ERRORS:  # EOF: the worker died
+                exit_code = worker.process.wait()
+                if not worker.ready:
+                    raise self._startup_failed(worker, f"exit code {exit_code}") from None
+                if worker.task is not None:
+                    finish(worker.task, Result.of("error", f"worker died (exit code {exit_code})"))
+                self._replace(worker)
+                continue
+            if message == READY:
+                worker.ready = True
+            else:
+                index, result = message
+                worker.task = None
+                worker.deadline = float("inf")
+                finish(index, result)
+
+    def _enforce_deadlines(self, finish: Callable[[int, Result], None]) -> None:
+        """Kill a worker past its item's timeout (the item times out) or past its startup budget (an error)."""
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.ready and worker.task is not None and now >= worker.deadline:
+                finish(worker.task, Result.of("timeout", f"killed after {self.config.timeout_s} s"))
+                self._replace(worker)
+            elif not worker.ready and now >= worker.started_at + self.config.startup_timeout_s:
+                raise self._startup_failed(worker, f"not ready after {self.config.startup_timeout_s} s")
+
+    def judge(self, completions: Sequence[str], golds: Sequence[GoldAnswer]) -> Judged:
+        """Each completion's reward (correctness plus `format_weight` times the format reward, see
+        `combine_rewards`) and its correctness verdict (`Result`, whose status is counted and logged)."""
+        results = self.score(completions, golds)
+        correctness = [r.reward for r in results]
+        if self.config.format_weight == 0:
+            return Judged(correctness, results)
         fmt = format_reward(completions, golds, self.config)
-        return combine_rewards([correctness, fmt], [1.0, self.config.format_weight])
+        return Judged(combine_rewards([correctness, fmt], [1.0, self.config.format_weight]), results)
+
+    def rewards(self, completions: Sequence[str], golds: Sequence[GoldAnswer]) -> list[float | None]:
+        """The rewards of `judge` alone."""
+        return self.judge(completions, golds).rewards
 
     def close(self) -> None:
         if self._closed:

@@ -12,14 +12,13 @@ the disk). Resume takes the newest checkpoint that verifies (`latest_verified_ch
 ones it skipped and why. Only directories named exactly `step_<digits>` are checkpoints; anything else under
 the root (a `*.tmp` interrupted mid-write, `step_000004.bad` set aside by hand, stray files) is ignored.
 
-`trainer_state.pt` names the sharding that wrote it (`rl.sharding`), and a checkpoint resumes only under that
-sharding (the error says so):
+`trainer_state.pt` names the sharding that wrote it, and a checkpoint resumes only under that sharding (the
+error says so). What each sharding stores is decided by its strategy in rl/parallel.py:
 - `none`: the optimizer state as `optimizer.state_dict()` (keyed by index);
-- `fsdp2`: the trainer gathers whole model and optimizer state dicts first and passes them in; the optimizer
-  state is keyed by parameter name;
+- `fsdp2`: whole model and optimizer state dicts gathered first; the optimizer state is keyed by parameter name;
 - `zero2` / `zero3`: every process writes its part of the partitioned AdamW state (and, under zero3, of the float32
   master weights) with DeepSpeed's `save_checkpoint` into a staging folder that moves into the checkpoint as
-  `deepspeed/`; the trainer passes in the whole weights for `model/`.
+  `deepspeed/`; `model/` holds the whole weights.
 """
 
 from __future__ import annotations
@@ -144,20 +143,20 @@ def save_checkpoint(
     root: Path,
     model: Any,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any] | None,
     scheduler: Any,
     state: TrainState,
     keep_last: int,
     sharding: str = "none",
     model_state: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
     extra_dirs: dict[str, Path] | None = None,
     profile: Any = None,
 ) -> Path:
     """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints.
-    `model_state` / `optimizer_state`: whole state dicts gathered from a sharded model (None: read them here).
-    `extra_dirs`: folders written elsewhere (a DeepSpeed engine checkpoint) moved in under the given names; with
-    a `deepspeed` folder the optimizer state lives there."""
+    `optimizer_state`: what `trainer_state.pt` keeps of the optimizer (None: it lives in an extra folder, as
+    DeepSpeed's partitions do); `model_state`: a whole state dict gathered from a sharded model (None: the live
+    `model`'s); `extra_dirs`: folders written elsewhere (a DeepSpeed engine checkpoint) moved in under the given
+    names. The parallel strategy (rl/parallel.py) decides each."""
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
@@ -167,18 +166,11 @@ def save_checkpoint(
     tokenizer.save_pretrained(tmp / "model")
     if profile is not None:  # rl.model.ModelProfile: the prompt format and CoT limits the policy trains with
         profile.save(tmp / "model")
-    extra_dirs = extra_dirs or {}
-    for name, src in extra_dirs.items():
+    for name, src in (extra_dirs or {}).items():
         os.replace(src, tmp / name)
-    if "deepspeed" in extra_dirs:
-        optimizer_blob = None
-    elif optimizer_state is not None:
-        optimizer_blob = optimizer_state
-    else:
-        optimizer_blob = optimizer.state_dict()
     torch.save(
         {
-            "optimizer": optimizer_blob,
+            "optimizer": optimizer_state,
             "sharding": sharding,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
@@ -198,23 +190,22 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    sharding: str = "none",
-    engine: Any = None,
-) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNGs in place from `path`; returns the train state.
-    `sharding`: this run's (rl/sharding.py); `engine`: the zero2 / zero3 DeepSpeed engine (it restores weights,
-    float32 master weights and its AdamW partition). Sharded loads are collective: every process calls this.
-    It does not verify `path` (`latest_verified_checkpoint` does); a file it cannot deserialise is a ValueError
-    naming the checkpoint and the file."""
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's files, read and checked against the run's sharding; restored by the parallel strategy."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]  # model/*.safetensors
+    optimizer: Any  # trainer_state.pt's optimizer state (None when DeepSpeed keeps it)
+    blob: dict[str, Any]  # trainer_state.pt
+
+
+def read_checkpoint(path: Path, sharding: str) -> LoadedCheckpoint:
+    """Read checkpoint `path` for a run with `sharding`. It does not verify `path` (`latest_verified_checkpoint`
+    does); a file it cannot deserialise is a ValueError naming the checkpoint and the file, and a checkpoint
+    written under another sharding is refused, naming both."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from rl.sharding import load_full_state_dicts
 
     weights = {}
     for shard in sorted((path / "model").glob("*.safetensors")):
@@ -240,33 +231,41 @@ def load_checkpoint(
             f"checkpoint {path} was written with {written} sharding; resume it under the same sharding "
             f"(this run: {sharding})"
         )
-    if sharding.startswith("zero"):
-        if engine is None:
-            raise ValueError(f"{sharding} checkpoint {path}: loading it needs the run's DeepSpeed engine")
-        engine.load_checkpoint(
-            str(path / "deepspeed"),
-            tag=DEEPSPEED_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        missing, unexpected = [], []
-    elif sharding == "fsdp2":
-        expected = set(model.state_dict())
-        missing = sorted(expected - set(weights))
-        unexpected = sorted(set(weights) - expected)
-        load_full_state_dicts(
-            model, optimizer, {k: v for k, v in weights.items() if k in expected}, blob["optimizer"]
-        )
-    else:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied embeddings are saved once; any other mismatch means a different architecture
+    return LoadedCheckpoint(path, weights, blob["optimizer"], blob)
+
+
+def check_model_keys(path: Path, model: Any, missing: list[str], unexpected: list[str]) -> None:
+    """A checkpoint's weights must name exactly the model's parameters (a tied output head is saved once)."""
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and model.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if sharding == "none":
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return TrainState(**blob["state"])
+
+
+def restore_run_state(loaded: LoadedCheckpoint, scheduler: Any) -> TrainState:
+    """After the weights and optimizer: the schedule, every RNG, and the train state."""
+    scheduler.load_state_dict(loaded.blob["scheduler"])
+    set_rng_state(loaded.blob["rng"])
+    return TrainState(**loaded.blob["state"])
+
+
+def restore_whole(loaded: LoadedCheckpoint, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Load the weights and the index-keyed optimizer state of a `none` checkpoint into a whole model."""
+    if loaded.optimizer is None:  # the AdamW state is in DeepSpeed's partitions (zero2 / zero3)
+        raise ValueError(
+            f"{loaded.blob['sharding']} checkpoint {loaded.path}: loading it needs the run's DeepSpeed engine"
+        )
+    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+    check_model_keys(loaded.path, model, missing, unexpected)
+    optimizer.load_state_dict(loaded.optimizer)
+
+
+def load_checkpoint(
+    path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, sharding: str = "none"
+) -> TrainState:
+    """Restore a checkpoint into a whole model in place: weights, optimizer, scheduler and RNGs; returns the
+    train state. A sharded run restores through its strategy (rl/parallel.py), which calls the same pieces."""
+    loaded = read_checkpoint(path, sharding)
+    restore_whole(loaded, model, optimizer)
+    return restore_run_state(loaded, scheduler)

@@ -1,9 +1,10 @@
 """The run configurations, composed from each component's own dataclass and registered in Hydra's
-ConfigStore. Recipes under `recipes/` are validated against these schemas: an unknown key or a wrong type
+ConfigStore; `TrainerConfig` (run length, batch, evaluation and checkpoint cadence, the sharding to use) is the
+run's own and lives here, so no configuration imports the training loop. Recipes under `recipes/` are validated against these schemas: an unknown key or a wrong type
 fails at start with the key named. Every default lives in the component dataclass, never here.
 
 `compose(name, overrides)` builds a config without `@hydra.main` (tests, the tiny-model builder, the
-trainer's per-mode evaluation), from the same recipe tree the scripts use.
+entry scripts' per-mode evaluation recipes), from the same recipe tree the scripts use.
 """
 
 from __future__ import annotations
@@ -18,15 +19,86 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewards.config import RewardConfig
 from rl.data import DataConfig
+from rl.learner import RLConfig
 from rl.logger import LoggerConfig
 from rl.model import ModelConfig, apply_profile, check_model_path, is_tiny_base
+from rl.rundir import RESUME_MODES
+from rl.sharding import SHARDINGS
 from rl.tiny_base import TinyBaseConfig, ensure_tiny_base
-from rl.trainer import RLConfig, TrainerConfig
 from rollouts.config import CotConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 T = TypeVar("T")
+
+INFER_MODES = ("hard_greedy", "hard_sample", "soft_greedy", "soft_sample", "fuzzy_greedy", "fuzzy_sample")
+
+
+@dataclass
+class TrainerConfig:
+    """Run length, batch, evaluation and checkpoint cadence. `eval_modes` names recipes in recipes/infer/;
+    the final evaluation runs all of them, `eval_primary` is the one evaluated periodically."""
+
+    max_steps: int = 100
+    prompts_per_step: int = 16  # global, over all processes
+    rollout_chunk: int = 16  # prompts per engine call (keys the rollout randomness; see module docstring)
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    eval_problems: int = 200
+    eval_n: int = 8
+    eval_batch_size: int = 64
+    eval_primary: str = "soft_sample"
+    eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
+    save_every: int = 50
+    keep_last: int = 2  # 0 = keep every checkpoint
+    diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
+    # auto = continue the run in output_dir when its config agrees (rl/rundir.py); never = start fresh, refuse a
+    # used output_dir; overwrite = delete the run in output_dir and start fresh
+    resume: str = "auto"
+    # none | fsdp2 | zero2 | zero3 (rl/sharding.py) | auto = what the accelerate launch config asks for
+    sharding: str = "auto"
+    # zero3: parameters with fewer elements stay whole on every process (DeepSpeed's default 1e5)
+    zero3_persistence_threshold: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.prompts_per_step < 1 or self.rollout_chunk < 1:
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps}, prompts_per_step={self.prompts_per_step}, "
+                f"rollout_chunk={self.rollout_chunk}: must be >= 1"
+            )
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"trainer.resume={self.resume!r}: expected one of {RESUME_MODES}")
+        if self.save_every < 1:
+            raise ValueError(
+                f"trainer.save_every={self.save_every}: must be >= 1 (steps between checkpoints)"
+            )
+        for key in ("eval_every", "keep_last", "diag_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 0 (0 = off)")
+        for key in ("eval_problems", "eval_n", "eval_batch_size"):
+            if self.eval_modes and getattr(self, key) < 1:
+                raise ValueError(
+                    f"trainer.{key}={getattr(self, key)}: must be >= 1 (or trainer.eval_modes=[])"
+                )
+        if self.sharding not in ("auto", *SHARDINGS):
+            raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError(
+                f"trainer.zero3_persistence_threshold={self.zero3_persistence_threshold}: must be >= 0"
+            )
+        unknown = sorted(set(self.eval_modes) - set(INFER_MODES))
+        if unknown or (self.eval_modes and self.eval_primary not in INFER_MODES):
+            raise ValueError(
+                f"trainer.eval_modes={self.eval_modes}, eval_primary={self.eval_primary!r}: modes must be in {INFER_MODES}"
+            )
+
+    def check_processes(self, world: int) -> None:
+        """The global batch splits evenly over `world` processes (checked once the launch is known)."""
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"trainer.prompts_per_step={self.prompts_per_step} must divide evenly over {world} processes"
+            )
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Evaluation: one inference mode, `n` samples per problem, scored by the math reward, summarised as pass@k.
 
-Shared by `scripts/evaluate.py` and the trainer's before / periodic / after evaluations, so both report the
-same numbers for the same model, mode and seed.
+`evaluate_mode` is shared by `scripts/evaluate.py` and the trainer's before / periodic / after evaluations
+(`Evaluator`), so both report the same numbers for the same model, mode and seed. `Evaluator.block` is what
+summary.json holds for each of them: every mode's pass@k, per-problem pass@1 and, after training, each mode's
+paired lift over the same problems before training (`rewards.paired_lift`). `plot_run` draws a run's
+training curves and its pass@k before and after.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rewards import RewardPool, aggregate_pass_at_k, pass_at_k_per_problem, status_counts
+from rewards import Result, RewardPool, aggregate_pass_at_k, paired_lift, pass_at_k_per_problem, status_counts
 from rl.data import Problem
+from rl.logger import plot_training_curves, read_metrics
 from rl.prompts import PromptConfig, encode_prompts
 from rollouts.config import CotConfig
+from rollouts.distributions import sigma_from_rms
 from rollouts.engine import generate
-from rollouts.record import THINK_END_REASONS
+from rollouts.record import THINK_END_REASONS, Rollout
 
 
 @dataclass
@@ -100,10 +105,7 @@ def evaluate_mode(
     think_end_ids, eos_id, pad_id = special_ids(tokenizer, prompt)
     generator = torch.Generator(device=model.device).manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    statuses: list = []
-    reasons: Counter[str] = Counter()
-    cot_lens: list[int] = []
-    answer_lens: list[int] = []
+    statuses: list[Result] = []
     generated = 0  # rollouts actually generated (a deterministic mode generates one per problem)
     bar = tqdm(total=len(problems), desc=f"eval {infer.name}", disable=not progress, leave=False)
     for lo in range(0, len(problems), batch_size):
@@ -132,45 +134,65 @@ def evaluate_mode(
             samples = [s for s in samples for _ in range(n)]
             texts = [t for t in texts for _ in range(n)]
         statuses.extend(results)
-        for j, problem in enumerate(chunk):
-            mine = samples[j * n : (j + 1) * n]
-            rows.append(
-                {
-                    "uid": problem.uid,
-                    "prompt_ids": prompt_ids[j],
-                    "answer": list(problem.answers),
-                    "samples": [
-                        {
-                            "cot_top1_ids": s.cot_top1_ids,
-                            "answer_ids": s.answer_ids,
-                            "text": text,
-                            "reward": r.reward,
-                            "status": r.status,
-                            "think_end": s.think_end,
-                        }
-                        for s, r, text in zip(
-                            mine, results[j * n : (j + 1) * n], texts[j * n : (j + 1) * n], strict=True
-                        )
-                    ],
-                }
-            )
-            for s in mine:
-                reasons[s.think_end] += 1
-                cot_lens.append(len(s.cot_ids))
-                answer_lens.append(len(s.answer_ids))
+        rows += _problem_rows(chunk, prompt_ids, samples, results, texts, n)
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
+    return rows, _summarize(rows, statuses, infer.name, n, sigma, time.time() - start, generated)
+
+
+def _problem_rows(
+    problems: list[Problem],
+    prompt_ids: list[list[int]],
+    samples: list[Rollout],
+    results: list[Result],
+    texts: list[str],
+    n: int,
+) -> list[dict[str, Any]]:
+    """One JSON-able row per problem with its n samples (the i-th problem's are samples i·n .. i·n + n - 1)."""
+    rows = []
+    for j, problem in enumerate(problems):
+        mine = range(j * n, (j + 1) * n)
+        rows.append(
+            {
+                "uid": problem.uid,
+                "prompt_ids": prompt_ids[j],
+                "answer": list(problem.answers),
+                "samples": [
+                    {
+                        "cot_top1_ids": samples[i].cot_top1_ids,
+                        "answer_ids": samples[i].answer_ids,
+                        "text": texts[i],
+                        "reward": results[i].reward,
+                        "status": results[i].status,
+                        "think_end": samples[i].think_end,
+                    }
+                    for i in mine
+                ],
+            }
+        )
+    return rows
+
+
+def _summarize(
+    rows: list[dict[str, Any]],
+    statuses: list[Result],
+    mode: str,
+    n: int,
+    sigma: float,
+    seconds: float,
+    generated: int,
+) -> ModeSummary:
+    every = [s for row in rows for s in row["samples"]]
+    reasons = Counter(s["think_end"] for s in every)
     per_problem = [[s["reward"] for s in row["samples"]] for row in rows]
-    table = aggregate_pass_at_k(per_problem, powers_of_two(n))
-    seconds = time.time() - start
-    summary = ModeSummary(
-        mode=infer.name,
+    return ModeSummary(
+        mode=mode,
         n=n,
-        problems=len(problems),
-        pass_at=table.values,
-        mean_cot_len=sum(cot_lens) / len(cot_lens),
-        mean_answer_len=sum(answer_lens) / len(answer_lens),
+        problems=len(rows),
+        pass_at=aggregate_pass_at_k(per_problem, powers_of_two(n)).values,
+        mean_cot_len=sum(len(s["cot_top1_ids"]) for s in every) / len(every),
+        mean_answer_len=sum(len(s["answer_ids"]) for s in every) / len(every),
         think_end={r: reasons[r] for r in THINK_END_REASONS},
         reward_status=status_counts(statuses),
         sigma=sigma,
@@ -178,7 +200,6 @@ def evaluate_mode(
         rollouts_per_s=round(generated / seconds, 2),
         per_problem_pass1=[pass_at_k_per_problem(r, 1) for r in per_problem],
     )
-    return rows, summary
 
 
 def write_outputs(
@@ -220,3 +241,99 @@ def plot_pass_at_k(curves: dict[str, dict[int, float]], path: str | Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass
+class Evaluator:
+    """A training run's held-out evaluations: `n` samples of each of `problems` in the inference modes `modes`
+    (name -> the mode's CotConfig, built by the entry script from recipes/infer/ with the training CoT's
+    limits), `primary` first. σ of every mode is taken from `rms`, the rms(E) of the run's STARTING
+    embeddings, so the noise does not drift as training moves E. Run on the main process only: evaluation is
+    cheap next to training and its numbers must not depend on the process count."""
+
+    tokenizer: Any
+    problems: list[Problem]
+    modes: dict[str, CotConfig]
+    primary: str
+    n: int
+    batch_size: int
+    prompt: PromptConfig
+    rms: dict[str, float]
+    seed: int
+
+    def evaluate(
+        self, policy: torch.nn.Module, names: list[str], pool: RewardPool, tag: str
+    ) -> dict[str, ModeSummary]:
+        """Evaluate `policy` in each named mode, printing one line per mode."""
+        out = {}
+        for name in names:
+            infer = self.modes[name]
+            _, summary = evaluate_mode(
+                policy,
+                self.tokenizer,
+                self.problems,
+                infer,
+                n=self.n,
+                pool=pool,
+                prompt=self.prompt,
+                sigma=sigma_from_rms(infer, self.rms),
+                seed=self.seed,
+                batch_size=self.batch_size,
+                progress=False,
+            )
+            out[name] = summary
+            print(
+                f"[softgrpo] {tag} {name}: "
+                + ", ".join(f"pass@{k}={v:.3f}" for k, v in summary.pass_at.items()),
+                flush=True,
+            )
+        return out
+
+    def block(
+        self, policy: torch.nn.Module, pool: RewardPool, tag: str, before: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Evaluate every mode (the primary first) into a summary block. With `before` (the block of an earlier
+        evaluation of the same problems), each mode also gets its paired pass@1 lift over it."""
+        if not self.modes:  # evaluation switched off (trainer.eval_modes=[])
+            return {"primary": None, "pass@1": None, "pass@k": {}}
+        ordered = [self.primary] + [m for m in self.modes if m != self.primary]
+        block: dict[str, Any] = {"primary": self.primary}
+        for name, s in self.evaluate(policy, ordered, pool, tag).items():
+            block[name] = {
+                "pass@1": s.pass_at[1],
+                **{f"pass@{k}": v for k, v in s.pass_at.items()},
+                "cot_len": s.mean_cot_len,
+                "answer_len": s.mean_answer_len,
+                "think_end": s.think_end,
+                "per_problem_pass@1": s.per_problem_pass1,
+            }
+            earlier = before.get(name, {}).get("per_problem_pass@1") if before else None
+            if earlier is not None:
+                lift = paired_lift(earlier, s.per_problem_pass1)
+                block[name]["lift_pass@1"] = asdict(lift)
+                print(
+                    f"[softgrpo] {name}: pass@1 {before[name]['pass@1']:.3f} -> {s.pass_at[1]:.3f}, lift "
+                    f"{lift.mean:+.3f} ± {lift.se:.3f} (paired standard error over {lift.problems} problems)",
+                    flush=True,
+                )
+        block["pass@1"] = block[self.primary]["pass@1"]
+        block["pass@k"] = {k: v for k, v in block[self.primary].items() if k.startswith("pass@")}
+        return block
+
+
+def plot_run(out: Path, summary: dict[str, Any]) -> None:
+    """`curves.png` (training curves from metrics.jsonl) and `passk.png` (the primary mode's pass@k before and
+    after training) in the run directory `out`."""
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        plot_training_curves(read_metrics(metrics), out / "curves.png")
+    if summary["eval_before"]["primary"] is None:
+        return
+    curves = {}
+    for tag in ("eval_before", "eval_after"):
+        block = summary[tag]
+        primary = block["primary"]
+        curves[f"{primary} {tag[5:]}"] = {
+            int(k[5:]): v for k, v in block[primary].items() if k.startswith("pass@")
+        }
+    plot_pass_at_k(curves, out / "passk.png", title="held-out pass@k, before vs after")

@@ -12,7 +12,7 @@ How this objective relates to GRPO (DeepSeekMath) and to "Soft Tokens, Hard Trut
    The paper trains with plain RLOO policy gradients; with `num_iterations=1` (one update per batch) the ratio
    is exactly 1, nothing clips, and the gradient is exactly the RLOO gradient A·∇log π. Clipping only matters
    for extra PPO iterations on the same batch.
-3. Old log-probs come from the learner, not the rollout: the trainer runs `sequence_log_probs` once at the
+3. Old log-probs come from the learner, not the rollout: rl/learner.py runs `sequence_log_probs` once at the
    start of the update and passes its detached copy as `old` (`old=None` does that from `new` itself). The
    rollout's own log-probs (bf16 or a different kernel) are only compared for the health metric
    `rl.logprobs.log_prob_gap`; an error δ in μ moves a Gaussian log-prob by about ‖δ‖·sqrt(d)/σ nats.
@@ -177,19 +177,23 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x[mask].float().sum() / count) if count else 0.0
 
 
+def _denominator(steps: torch.Tensor, judged: torch.Tensor, cfg: LossConfig) -> float:
+    """The aggregation's denominator (module docstring, point 5) from each row's action steps `steps` [N]
+    (0 on unjudged rows) and `judged` [N]: token = all action steps; sequence = rows with at least one action
+    step; constant = judged rows × max_len_norm."""
+    if cfg.aggregation == "token":
+        return float(steps.sum())
+    if cfg.aggregation == "sequence":
+        return float((steps > 0).sum())
+    return float(judged.sum()) * cfg.max_len_norm
+
+
 def loss_normalizer(rollouts: Rollouts, advantages: Advantages, cfg: LossConfig) -> float:
-    """The denominator `policy_loss` would use for this batch alone (see the module docstring, point 5):
-    token = number of action steps of judged rows; sequence = number of judged rows with at least one action
-    step; constant = judged rows × max_len_norm. Summed over micro-batches and processes, it is the GLOBAL
-    normaliser that makes a split batch give the same gradient as the whole.
-    """
+    """The denominator `policy_loss` would use for this batch alone. Summed over micro-batches and processes,
+    it is the GLOBAL normaliser that makes a split batch give the same gradient as the whole."""
     judged = advantages.mask.to(rollouts.cot_mask.device)  # [N]
     steps = rollouts.cot_mask.sum(dim=1) + rollouts.answer_action_mask.sum(dim=1)  # [N]
-    if cfg.aggregation == "token":
-        return float(steps[judged].sum())
-    if cfg.aggregation == "sequence":
-        return float(((steps > 0) & judged).sum())
-    return float(judged.sum()) * cfg.max_len_norm
+    return _denominator(torch.where(judged, steps, 0), judged, cfg)
 
 
 def policy_loss(
@@ -232,18 +236,13 @@ def policy_loss(
     cot_weight = cfg.cot_weight * (cfg.gaussian_weight if continuous else 1.0)
     cot_sum = cot_weight * cot.loss.sum(dim=1)  # [N]
     ans_sum = ans.loss.sum(dim=1)  # [N]
-    n_cot = cot.mask.sum(dim=1)  # [N]
+    n_cot = cot.mask.sum(dim=1)  # [N] (0 on unjudged rows)
     n_ans = ans.mask.sum(dim=1)  # [N]
-    if cfg.aggregation == "token":
-        denom = (n_cot + n_ans).sum().clamp(min=1) if normalizer is None else max(normalizer, 1.0)
-        cot_term, answer_term = cot_sum.sum() / denom, ans_sum.sum() / denom
-    elif cfg.aggregation == "sequence":
+    denom = max(_denominator(n_cot + n_ans, row_mask, cfg) if normalizer is None else normalizer, 1.0)
+    if cfg.aggregation == "sequence":  # each row's mean over its own steps, summed, over the row count
         per_row = (n_cot + n_ans).clamp(min=1)  # [N]
-        rows = ((n_cot + n_ans) > 0).sum().clamp(min=1) if normalizer is None else max(normalizer, 1.0)
-        cot_term, answer_term = (cot_sum / per_row).sum() / rows, (ans_sum / per_row).sum() / rows
-    else:  # constant
-        denom = row_mask.sum().clamp(min=1) * cfg.max_len_norm if normalizer is None else max(normalizer, 1.0)
-        cot_term, answer_term = cot_sum.sum() / denom, ans_sum.sum() / denom
+        cot_sum, ans_sum = cot_sum / per_row, ans_sum / per_row
+    cot_term, answer_term = cot_sum.sum() / denom, ans_sum.sum() / denom
 
     all_clipped = int(cot.clipped.sum() + ans.clipped.sum())
     all_steps = int(cot.mask.sum() + ans.mask.sum())

@@ -7,17 +7,18 @@
   for step < warmup_steps, then a half cosine from 1 at step = warmup_steps down to `min_lr_ratio` at
   step = total_steps, flat after.
 - `clip_and_step`: pre-clip global grad norm, clip to `grad_clip`, step; a non-finite loss or grad norm skips the
-  update (grads zeroed, flag returned so the trainer counts skips). The scheduler advances on skipped steps
-  too: the schedule is a function of the trainer's step count, so `total_steps` and resuming stay exact.
-- `grad_accum`: micro-batches per optimizer step. The trainer scales each micro-batch loss by 1/grad_accum
-  and calls `clip_and_step` once per `grad_accum` backward passes.
+  update (grads zeroed, flag returned so the loop counts skips). The scheduler advances on skipped steps
+  too: the schedule is a function of the loop's step count, so `total_steps` and resuming stay exact.
+- Gradient accumulation is the learner's `rl.micro_batch` (rl/learner.py): every micro-batch's loss is divided
+  by the global normaliser and `clip_and_step` runs once per update. `grad_accum` is kept only so that saved
+  configurations still load; any value but 1 is refused.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +50,11 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum={self.grad_accum}: must be >= 1")
+        if self.grad_accum != 1:  # it never did anything: refuse rather than silently ignore it
+            raise ValueError(
+                f"optim.grad_accum={self.grad_accum}: not supported; accumulate over micro-batches with "
+                "rl.micro_batch (every micro-batch is divided by the global normaliser, one step per update)"
+            )
 
 
 @dataclass
@@ -128,21 +134,20 @@ def clip_and_step(
     scheduler: LambdaLR | None,
     loss: torch.Tensor | float,
     grad_clip: float,
-    sharded: bool = False,
+    global_norm_sq: Callable[[list[torch.nn.Parameter]], float] | None = None,
 ) -> StepResult:
     """Clip the accumulated gradients and step, unless the loss or the grad norm is non-finite (then skip).
 
-    Always leaves the gradients zeroed and advances the scheduler (see the module docstring). `sharded`: some
-    gradients are fsdp2 shards; the global norm then counts every shard once across processes (collective) and
-    the clip is applied as torch's `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6), capped at 1).
+    Always leaves the gradients zeroed and advances the scheduler (see the module docstring).
+    `global_norm_sq(params)`: the squared global gradient norm when some gradients are shards of a parameter
+    (rl/parallel.py passes fsdp2's, collective); the clip is then applied as torch's `clip_grad_norm_` does
+    (coefficient max_norm / (norm + 1e-6), capped at 1). None: torch's `clip_grad_norm_` on whole gradients.
     """
     params = [p for p in params if p.grad is not None]
     loss_value = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    if sharded:
-        from rl.sharding import grad_norm_sq
-
-        grad_norm = math.sqrt(grad_norm_sq(params))
+    if global_norm_sq is not None:
+        grad_norm = math.sqrt(global_norm_sq(params))
         coef = min(1.0, max_norm / (grad_norm + 1e-6))
         if coef < 1.0 and math.isfinite(grad_norm):
             for p in params:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 CONFIG_FILE = "config.yaml"
 RESUMABLE = (
@@ -113,6 +114,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[t
 def used(path: Path) -> list[str]:
     """The run files present in `path`."""
     return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def config_yaml(cfg: Any) -> str:
+    """The resolved configuration as the run directory keeps it (`config.yaml`), from the typed config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def plan_run(path: str | Path, config_yaml: str, resume: str) -> RunPlan:

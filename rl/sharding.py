@@ -1,13 +1,13 @@
-"""Parameter sharding for multi-process training: `none` (every process holds the whole model; the trainer
-all-reduces gradients itself), `fsdp2` (PyTorch's `fully_shard` on every decoder layer), `zero2` (DeepSpeed
+"""The primitives of the parallel strategies (rl/parallel.py): `none` (every process holds the whole model; the
+`DataParallel` strategy all-reduces gradients itself), `fsdp2` (PyTorch's `fully_shard` on every decoder layer), `zero2` (DeepSpeed
 ZeRO-2: gradients and AdamW state partitioned, parameters replicated; see `deepspeed_config`) or `zero3`
 (DeepSpeed ZeRO-3: parameters partitioned too).
 
 Under `fsdp2` each decoder layer's parameters, gradients and AdamW state are split across the processes; the
 modules the learner calls outside a layer's forward (the input embedding E, read directly for μ = p E; the final
-norm; the output head, applied in chunks) stay replicated and their gradients are all-reduced by the trainer like
+norm; the output head, applied in chunks) stay replicated and their gradients are all-reduced by the strategy like
 under `none`. Gradients of the sharded layers are reduce-SCATTERED as sums (not means), so both kinds follow the
-trainer's global normaliser and N processes give the 1-process update.
+learner's global normaliser and N processes give the 1-process update.
 
 Every function here that communicates is collective: every process must call it, in the same order.
 
@@ -20,7 +20,7 @@ Every function here that communicates is collective: every process must call it,
 
 Under `zero3` DeepSpeed's module hooks gather a module's parameters for its forward (and its backward) and
 release them after, so a parameter read outside its module's forward is an empty tensor. Two pieces make the
-trainer work with that:
+`Zero` strategy work with that:
 
 - `prepare_zero3(model)` registers the learner's `ActionScorer` on the policy, with E and the output head as its
   external parameters, before `deepspeed.initialize`: the learner's only reads of E and of the head outside a
@@ -164,12 +164,12 @@ def deepspeed_config(
     """The DeepSpeed config of `zero2` / `zero3` sharding (`stage` 2 or 3), from the run's optimizer settings and
     model dtype.
 
-    The trainer keeps its own batching: one backward and one engine step per optimizer step (so micro-batch 1 and
+    The learner keeps its own batching: one backward and one engine step per optimizer step (so micro-batch 1 and
     no DeepSpeed accumulation), DeepSpeed clips at `grad_clip` (0 = no clipping) and keeps float32 master weights
-    under bf16. Its AdamW is the trainer's own optimizer, wrapped; the learning-rate schedule stays the trainer's.
+    under bf16. Its AdamW is the run's own optimizer, wrapped; the learning-rate schedule stays the run's.
     Under stage 3, parameters with fewer than `persistence_threshold` elements stay whole on every process
     (DeepSpeed's default 1e5: gathering small norms costs more than it saves); whole weights for saving come from
-    the trainer's `GenerationCopy`, not from DeepSpeed.
+    the strategy's `GenerationCopy`, not from DeepSpeed.
 
     >>> deepspeed_config(2, 1.0, torch.bfloat16)["zero_optimization"], deepspeed_config(2, 0.0, torch.float32).get("bf16")
     ({'stage': 2}, None)
@@ -177,7 +177,7 @@ def deepspeed_config(
     0
     """
     if stage not in (2, 3):
-        raise ValueError(f"DeepSpeed ZeRO stage {stage}: the trainer runs stages 2 and 3")
+        raise ValueError(f"DeepSpeed ZeRO stage {stage}: softgrpo runs stages 2 and 3")
     if dtype == torch.float16:
         raise ValueError(
             f"zero{stage} sharding with a float16 model needs loss scaling; use model.dtype=bfloat16 or float32"

@@ -6,7 +6,7 @@ the same process. Prints one JSON object.
     python scripts/bench_learner.py cot=hard --repeats 5   # any Hydra override of recipes/train.yaml
 
 Workload: one step of real rollouts from the run's policy (the step-1 batch of `trainer.prompts_per_step`
-prompts), their GRPO advantages, and the learner's `Trainer.score` + `policy_loss` + backward, timed as the
+prompts), their GRPO advantages, and the learner's `learner_log_probs` + `policy_loss` + backward, timed as the
 median of `--repeats` runs after a warm-up (bracketed by `torch.cuda.synchronize()` on CUDA). Also reports the
 largest gradient difference between the two paths relative to the largest gradient entry, and the padded share
 of the packed rows.
@@ -21,12 +21,13 @@ from dataclasses import replace
 import _bootstrap  # noqa: F401
 import torch
 from bench_rollout import timed
+from train import build_trainer
 
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
+from rl.learner import learner_log_probs
 from rl.loss import policy_loss
-from rl.trainer import Trainer
 
 
 def main() -> None:
@@ -38,10 +39,10 @@ def main() -> None:
     raw = compose("train", [*args.overrides, "output_dir=/tmp/bench_learner", "trainer.resume=never"])
     prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
     cfg = to_object(raw, TrainConfig)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     with RewardPool(cfg.reward) as pool:
         rollouts, problems = trainer.rollout(step=1)
-        rewards, _ = trainer.rewards(rollouts, problems, pool)
+        rewards = trainer.judge(pool, rollouts, problems).rewards
     adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
     model = trainer.model
     device = str(next(model.parameters()).device)
@@ -50,8 +51,8 @@ def main() -> None:
 
     def update(share: bool) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
-        trainer.cfg.rl.logprobs = configs[share]  # the learner call is the trainer's own (`Trainer.score`)
-        policy_loss(trainer.score(model, rollouts), adv, cfg.rl.loss).loss.backward()
+        new = learner_log_probs(model, rollouts, cfg.cot, configs[share])  # the learner's own call
+        policy_loss(new, adv, cfg.rl.loss).loss.backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
     seconds = {

@@ -15,13 +15,14 @@ import argparse
 
 import _bootstrap  # noqa: F401
 import torch
+from train import build_trainer
 
 from rewards.pool import RewardPool
 from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
 from rl.diagnostics import gradient_agreement
+from rl.learner import learner_log_probs
 from rl.loss import policy_loss
-from rl.trainer import Trainer
 
 
 def main() -> None:
@@ -44,16 +45,15 @@ def main() -> None:
     prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
     cfg = to_object(raw, TrainConfig)
     cfg.trainer.prompts_per_step = args.prompts
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     grads: dict[str, list[torch.Tensor]] = {"cot": [], "answer": []}
     with RewardPool(cfg.reward) as pool:
         for b in range(args.batches):
-            trainer.state.consumed = 0  # same prompts every batch
-            rollouts, problems = trainer.rollout(step=1000 + b)
-            rewards, _ = trainer.rewards(rollouts, problems, pool)
+            rollouts, problems = trainer.rollout(step=1000 + b, start=0)  # the same prompts every batch
+            rewards = trainer.judge(pool, rollouts, problems).rewards
             adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
-            new = trainer.score(trainer.model, rollouts)
+            new = learner_log_probs(trainer.model, rollouts, cfg.cot, cfg.rl.logprobs)
             out = policy_loss(new, adv, cfg.rl.loss)
             for name, term in (("cot", out.cot_loss), ("answer", out.loss - out.cot_loss)):
                 g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)

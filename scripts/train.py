@@ -8,6 +8,8 @@
 
 Writes output_dir/metrics.jsonl (every step), checkpoints, summary.json (eval_before / eval_after for every
 inference mode in trainer.eval_modes), passk.png, curves.png (training curves) and the final policy in output_dir/final.
+
+The composition root: config → parts (`build_trainer`) → the loop (`Trainer.run`, which saves as it goes).
 """
 
 import json
@@ -17,10 +19,49 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from rl.config import RECIPES_DIR, TrainConfig, prepare_model, register_configs, to_object
-from rl.trainer import Trainer
+from rl.config import RECIPES_DIR, TrainConfig, load_infer_recipe, prepare_model, register_configs, to_object
+from rl.data import load_problems, require_problems
+from rl.model import load_policy
+from rl.parallel import build_parallel
+from rl.rundir import config_yaml, plan_run
+from rl.runtime import seed_everything
+from rl.trainer import RunParts, Trainer
 
 register_configs()
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """The run's parts, each checked as early as it can fail: the run directory (before anything is loaded or
+    written), the parallel strategy of this launch, the data, the evaluation modes, then the model."""
+    tcfg = cfg.trainer
+    plan = plan_run(cfg.output_dir, config_yaml(cfg), tcfg.resume)
+    parallel = build_parallel(
+        tcfg.sharding, tcfg.device, cfg.rl.micro_batch, tcfg.zero3_persistence_threshold
+    )
+    tcfg.check_processes(parallel.world)
+    if plan.overwrite:
+        if parallel.main:
+            print(f"[softgrpo] trainer.resume=overwrite: deleting the run in {cfg.output_dir}", flush=True)
+            plan.clear()
+        parallel.barrier()
+    data = cfg.data
+    train_problems = require_problems(load_problems(data, data.train_split), data, data.train_split)
+    eval_problems = load_problems(data, data.eval_split)[: tcfg.eval_problems]
+    modes = {}
+    if tcfg.eval_modes:
+        require_problems(eval_problems, data, data.eval_split)
+        # the primary first; each recipe in recipes/infer/ takes the training CoT's limits and filter
+        modes = {
+            name: load_infer_recipe(name, cfg.cot)
+            for name in dict.fromkeys([tcfg.eval_primary, *tcfg.eval_modes])
+        }
+    seed_everything(tcfg.seed)
+    model, tokenizer = load_policy(cfg.model, parallel.device)
+    ref = None
+    if cfg.rl.loss.kl_coef > 0:
+        ref = load_policy(cfg.model, parallel.device)[0].eval().requires_grad_(False)
+    parts = RunParts(plan, parallel, model, tokenizer, ref, train_problems, eval_problems, modes)
+    return Trainer(cfg, parts)
 
 
 @hydra.main(config_path=str(RECIPES_DIR), config_name="train", version_base="1.3")
@@ -34,7 +75,7 @@ def main(raw) -> None:
     if note:
         print(f"[softgrpo] {note}", flush=True)
     cfg = to_object(raw, TrainConfig)
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     summary = trainer.run()
     if trainer.main:
         before, after = summary["eval_before"], summary["eval_after"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -39,3 +43,18 @@ def tiny_base() -> Path:
     cfg = to_object(compose("tiny_base"), TinyBaseConfig)
     ensure_tiny_base(cfg)
     return Path(cfg.output_dir)
+
+
+@functools.cache
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as a module (the entry scripts are not a package), e.g. the composition root
+    `load_script("train").build_trainer`."""
+    scripts = str(REPO_ROOT / "scripts")
+    if scripts not in sys.path:  # the scripts import their siblings (`_bootstrap`, `bench_rollout`)
+        sys.path.insert(0, scripts)
+    spec = importlib.util.spec_from_file_location(
+        f"softgrpo_script_{name}", REPO_ROOT / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -37,7 +37,14 @@ def _parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_sch
 def _write(root: Path, sharding: str, step: int = 3, keep_last: int = 2) -> Path:
     model, opt, sched = _parts()
     return save_checkpoint(
-        root, model, _NoTokenizer(), opt, sched, TrainState(step=step), keep_last, sharding=sharding
+        root,
+        model,
+        _NoTokenizer(),
+        None if sharding.startswith("zero") else opt.state_dict(),  # DeepSpeed keeps zero's AdamW state
+        sched,
+        TrainState(step=step),
+        keep_last,
+        sharding=sharding,
     )
 
 

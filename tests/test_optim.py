@@ -137,3 +137,11 @@ def test_config_validation() -> None:
         OptimConfig(betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="optim.min_lr_ratio"):
         OptimConfig(min_lr_ratio=1.5)
+
+
+def test_grad_accum_other_than_one_is_refused_not_ignored() -> None:
+    """The key never did anything (the learner accumulates over rl.micro_batch): a value other than 1 fails
+    naming the alternative instead of running an unaccumulated update."""
+    with pytest.raises(ValueError, match=r"optim.grad_accum=4: not supported.*rl.micro_batch"):
+        OptimConfig(grad_accum=4)
+    assert OptimConfig(grad_accum=1).grad_accum == 1

@@ -126,13 +126,13 @@ def test_sigterm_before_the_first_step_says_no_checkpoint_was_written(
 ) -> None:
     out = tmp_path / "run"
     trainer = make_trainer(small_run(tiny_base, out, "trainer.max_steps=3"))
-    evaluate = trainer._eval_block
+    evaluate = trainer.evaluator.block
 
     def signalled_during(*args, **kwargs):  # SIGTERM arrives while the pre-training evaluation runs
-        trainer._on_sigterm(15, None)
+        trainer.on_sigterm(15, None)
         return evaluate(*args, **kwargs)
 
-    trainer._eval_block = signalled_during
+    trainer.evaluator.block = signalled_during
     with pytest.raises(SystemExit) as exit_:
         trainer.run()
     assert exit_.value.code == 143

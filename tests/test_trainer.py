@@ -19,6 +19,7 @@ from rewards import RewardPool
 from rl.config import TrainConfig, compose, to_object
 from rl.logprobs import log_prob_gap, sequence_log_probs
 from rl.trainer import Trainer
+from tests.conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def small_run(tiny_base: Path, out: Path, *extra: str) -> list[str]:
 
 def make_trainer(overrides: list[str]) -> Trainer:
     cfg = to_object(compose("train", overrides), TrainConfig)
-    return Trainer(cfg)
+    return load_script("train").build_trainer(cfg)
 
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ plus the global loss normaliser that makes micro-batched / multi-process updates
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from rewards import Result
 from rl.advantages import AdvantageConfig, compute_advantages
 from rl.logprobs import SequenceLogProbs
 from rl.loss import LossConfig, LossOutput, loss_normalizer, policy_loss
-from rl.trainer import StepSample, StepStats, loss_stats, merge_loss_stats, noise_ratio, step_stats
+from rl.stats import StepSample, StepStats, UpdateStats, loss_stats, merge_stats, noise_ratio, step_stats
 from rollouts.record import THINK_END_REASONS, Rollouts, concat_rollouts
 
 
@@ -54,6 +55,7 @@ LOSS_STATS = {
     "kl_answer": 0.0, "loss": 0.1, "cot_term": 0.07, "answer_term": 0.03, "grad_norm": 1.5,
     "cot_grad_norm": 1.2, "lr": 1e-4,
 }  # fmt: skip
+UPDATE = UpdateStats(**LOSS_STATS, skipped=False)
 
 
 def test_step_stats_derived_by_hand() -> None:
@@ -61,7 +63,7 @@ def test_step_stats_derived_by_hand() -> None:
     rewards = [1.0, 0.0, None, 1.0]
     results = [Result(1.0, "ok"), Result(0.0, "wrong"), Result(None, "gold_unparseable"), Result(1.0, "ok")]
     sample = StepSample.of(r, rewards, results)
-    s = step_stats(sample, LOSS_STATS, AdvantageConfig(estimator="rloo"), skipped=False, seconds=2.0)
+    s = step_stats(sample, UPDATE, AdvantageConfig(estimator="rloo"), seconds=2.0)
     # judged rewards [1, 0, 1]: mean 2/3; population std sqrt(((1/3)^2 * 2 + (2/3)^2) / 3) = sqrt(2/9)
     assert s.reward_mean == pytest.approx(2 / 3)
     assert s.reward_std == pytest.approx(math.sqrt(2 / 9))
@@ -88,12 +90,18 @@ def test_step_stats_derived_by_hand() -> None:
     assert s.tokens_per_s == pytest.approx(7.0) and s.step_time == 2.0
     # the loss-side statistics pass through unchanged
     for key, value in LOSS_STATS.items():
-        assert getattr(s, key) == value, key
+        assert getattr(s.update, key) == value, key
     metrics = s.as_metrics()
     assert metrics["reward_status/gold_unparseable"] == 1.0 and metrics["think_end/max_tokens"] == 0.25
     assert metrics["skipped"] == 0.0
-    # every StepStats field reaches the log (dicts flattened), none is silently dropped
-    assert len(metrics) == len(StepStats.__dataclass_fields__) - 2 + len(s.reward_status) + len(s.think_end)
+    # every StepStats field reaches the log (dicts and the update's logged fields flattened), none is silently
+    # dropped; the update's step counts (weights of its means) are the only fields not logged
+    logged_update = len(UpdateStats.__dataclass_fields__) - 5
+    assert (
+        len(metrics)
+        == len(StepStats.__dataclass_fields__) - 3 + len(s.reward_status) + len(s.think_end) + logged_update
+    )
+    assert set(LOSS_STATS) | {"skipped"} <= set(metrics)
 
 
 def test_merged_process_samples_give_the_whole_batch_metrics() -> None:
@@ -107,8 +115,8 @@ def test_merged_process_samples_give_the_whole_batch_metrics() -> None:
     merged = StepSample.merge(halves)
     assert merged.group_index == [0, 0, 1, 1]  # merging offsets them back to distinct groups
     cfg = AdvantageConfig(estimator="rloo")
-    a = step_stats(whole, LOSS_STATS, cfg, False, 1.0).as_metrics()
-    b = step_stats(merged, LOSS_STATS, cfg, False, 1.0).as_metrics()
+    a = step_stats(whole, UPDATE, cfg, 1.0).as_metrics()
+    b = step_stats(merged, UPDATE, cfg, 1.0).as_metrics()
     assert a == pytest.approx(b)
 
 
@@ -148,19 +156,20 @@ def test_loss_stats_weights_micro_batches_by_their_step_counts() -> None:
     ]
     stats = loss_stats(outs, [pair, pair], grad_norm=3.0, lr=1e-5)
     # clip fraction: (0.5 * 4 + 0 * 8) / 12 steps
-    assert stats["clip_fraction"] == pytest.approx(2 / 12)
+    assert stats.clip_fraction == pytest.approx(2 / 12)
     # KL means weighted by the step counts of their kind: CoT (0.1*2 + 0.4*6)/8, answer (0.2*2 + 0*2)/4
-    assert stats["kl_cot"] == pytest.approx(2.6 / 8) and stats["kl_answer"] == pytest.approx(0.1)
+    assert stats.kl_cot == pytest.approx(2.6 / 8) and stats.kl_answer == pytest.approx(0.1)
     # loss terms add up (each micro-batch was already divided by the global normaliser)
-    assert stats["loss"] == pytest.approx(0.2) and stats["cot_term"] == pytest.approx(0.1)
-    assert stats["gap_cot"] == pytest.approx(0.25) and stats["gap_answer"] == pytest.approx(0.25)
-    assert stats["noise_ratio"] == pytest.approx(0.5)
-    assert (stats["grad_norm"], stats["lr"]) == (3.0, 1e-5)
+    assert stats.loss == pytest.approx(0.2) and stats.cot_term == pytest.approx(0.1)
+    assert stats.gap_cot == pytest.approx(0.25) and stats.gap_answer == pytest.approx(0.25)
+    assert stats.noise_ratio == pytest.approx(0.5)
+    assert (stats.grad_norm, stats.lr) == (3.0, 1e-5)
 
 
 def test_merged_process_stats_equal_the_stats_of_the_whole_batch() -> None:
-    """Two processes with different step counts: merging their `loss_stats` gives what one process holding both
-    micro-batches computes (per-step means weighted by steps, not averaged per process)."""
+    """Two processes with different step counts: merging their `loss_stats` (`merge_stats`, by each field's
+    declared rule) gives what one process holding both micro-batches computes (per-step means weighted by
+    steps, not averaged per process)."""
     mu = torch.zeros(4, 3, 2)
     mu[..., 0] = 2.0
     h_quiet, h_loud = mu.clone(), mu.clone()
@@ -172,19 +181,20 @@ def test_merged_process_stats_equal_the_stats_of_the_whole_batch() -> None:
     out_a = _out(0.5, 2, 2, kl_cot=0.1, kl_ans=0.2, loss=0.3)
     out_b = _out(0.0, 6, 3, kl_cot=0.4, kl_ans=0.1, loss=-0.1)
     whole = loss_stats([out_a, out_b], [first, second], grad_norm=3.0, lr=1e-5)
-    merged = merge_loss_stats(
+    merged = merge_stats(
         [
-            {**loss_stats([out_a], [first], grad_norm=3.0, lr=1e-5), "cot_grad_norm": 1.0},
-            {**loss_stats([out_b], [second], grad_norm=3.0, lr=1e-5), "cot_grad_norm": 3.0},
+            replace(loss_stats([out_a], [first], grad_norm=3.0, lr=1e-5), cot_grad_norm=1.0),
+            replace(loss_stats([out_b], [second], grad_norm=3.0, lr=1e-5), cot_grad_norm=3.0),
         ]
     )
-    for key, value in whole.items():
-        assert merged[key] == pytest.approx(value), key
+    for key, value in asdict(whole).items():
+        if key != "cot_grad_norm":  # measured by the update, not by loss_stats (NaN in `whole`)
+            assert getattr(merged, key) == pytest.approx(value), key
     # by hand: noise ratio (0.5 * 6 + 2 * 5) / 11; CoT gap (0.25 * 6 + 1 * 5) / 11; KL (0.1 * 2 + 0.4 * 6) / 8
-    assert merged["noise_ratio"] == pytest.approx(13 / 11) and merged["gap_cot"] == pytest.approx(6.5 / 11)
-    assert merged["kl_cot"] == pytest.approx(2.6 / 8) and merged["kl_answer"] == pytest.approx(0.7 / 5)
-    assert merged["clip_fraction"] == pytest.approx(2 / 13) and merged["loss"] == pytest.approx(0.2)
-    assert merged["cot_grad_norm"] == 2.0  # each process measures its own share: averaged
+    assert merged.noise_ratio == pytest.approx(13 / 11) and merged.gap_cot == pytest.approx(6.5 / 11)
+    assert merged.kl_cot == pytest.approx(2.6 / 8) and merged.kl_answer == pytest.approx(0.7 / 5)
+    assert merged.clip_fraction == pytest.approx(2 / 13) and merged.loss == pytest.approx(0.2)
+    assert merged.cot_grad_norm == 2.0  # each process measures its own share: averaged
 
 
 def test_noise_ratio_is_zero_for_hard_cot() -> None:
@@ -247,6 +257,7 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
     """`cot_grad_norm` = ‖∇_θ (-Σ_{CoT steps} A_i · log π_θ(step)) / D‖ with ratio 1 (one PPO iteration): the
     CoT surrogate -A·ratio has gradient -A·∇log π at ratio 1. It ignores cot_weight / gaussian_weight (here 0),
     so it shows what the switched-off Gaussian term would do."""
+    from rl.learner import cot_grad_norm
     from rl.logprobs import sequence_log_probs
     from tests.test_trainer import make_trainer, small_run
 
@@ -257,7 +268,7 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
     )
     new = sequence_log_probs(trainer.model, rollouts, trainer.cfg.cot, trainer.cfg.rl.logprobs)
     norm = loss_normalizer(rollouts, adv, trainer.cfg.rl.loss)
-    got = trainer._cot_grad_norm(new, adv, None, None, norm)
+    got = cot_grad_norm(trainer.model, new, adv, trainer.cfg.rl.loss, normalizer=norm)
     mask = new.cot_mask & adv.mask[:, None]
     manual = -(adv.values[:, None] * torch.where(mask, new.cot, 0.0)).sum() / norm
     params = [p for p in trainer.model.parameters() if p.requires_grad]
@@ -284,7 +295,7 @@ def test_cot_grad_norm_is_the_unweighted_cot_term_gradient(tiny_base, tmp_path) 
     ],
 )
 def test_resolve_sharding(kind: str, requested: str, world: int, stage: str | None, expected: str) -> None:
-    from rl.trainer import resolve_sharding
+    from rl.parallel import resolve_sharding
 
     assert resolve_sharding(kind, requested, world, zero_stage=stage) == expected
 
@@ -294,7 +305,7 @@ def test_resolve_sharding(kind: str, requested: str, world: int, stage: str | No
 )
 def test_other_deepspeed_launches_are_refused_with_the_alternatives_named(stage, requested) -> None:
     """ZeRO-1 (or a launch without a stage) and a sharding that contradicts the launch's stage fail at start."""
-    from rl.trainer import resolve_sharding
+    from rl.parallel import resolve_sharding
 
     with pytest.raises(NotImplementedError, match=r"ZeRO stages 2 and 3(.|\n)*zero2.yaml, zero3.yaml"):
         resolve_sharding("DEEPSPEED", requested, 8, zero_stage=stage)
@@ -334,7 +345,7 @@ def test_accelerate_launch_configs_select_their_sharding(config: str, expected: 
     and (DeepSpeed) ZeRO stage, which `trainer.sharding=auto` turns into the sharding the file's comment names."""
     from omegaconf import OmegaConf
 
-    from rl.trainer import resolve_sharding
+    from rl.parallel import resolve_sharding
 
     launch = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / config)
     stage = launch.get("deepspeed_config", {}).get("zero_stage")
@@ -344,3 +355,24 @@ def test_accelerate_launch_configs_select_their_sharding(config: str, expected: 
         resolve_sharding(launch["distributed_type"], "auto", world, None if stage is None else str(stage))
         == expected
     )
+
+
+def test_every_update_statistic_declares_how_it_merges() -> None:
+    """One declaration per field (rl/stats.py): a rule, and for a weighted mean a step-count field that exists;
+    a record whose field has no rule cannot be merged."""
+    from dataclasses import dataclass, fields
+
+    from rl.stats import MERGE_RULES
+
+    names = {f.name for f in fields(UpdateStats)}
+    for f in fields(UpdateStats):
+        assert f.metadata.get("merge") in MERGE_RULES, f.name
+        if f.metadata["merge"] == "weighted":
+            assert f.metadata["weight"] in names, f.name
+
+    @dataclass
+    class Unruled:
+        x: float = 0.0
+
+    with pytest.raises(TypeError, match="Unruled.x: no merge rule"):
+        merge_stats([Unruled(), Unruled()])
