@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import transformers
 from transformers import DynamicCache, PreTrainedModel
 
 from rollouts.config import CotConfig
@@ -45,6 +46,31 @@ from rollouts.record import Rollouts
 from rollouts.stopping import NOT_ENDED, REASON, ThinkEndDetector
 
 __all__ = ["generate", "input_embedding_matrix"]
+
+TRANSFORMERS_MIN = (5, 24)
+"""The first transformers whose model forward takes the KV cache as `cache=`. An older one swallows the
+keyword into `**kwargs` and decodes WITHOUT the cache: wrong tokens, no error (pyproject.toml's floor)."""
+
+
+def check_transformers(version: str) -> None:
+    """Refuse a transformers older than `TRANSFORMERS_MIN`, naming the installed version.
+
+    >>> check_transformers("5.24.0"), check_transformers("6.1.0.dev0")
+    (None, None)
+    >>> check_transformers("5.23.0")
+    Traceback (most recent call last):
+    ...
+    ImportError: transformers 5.23.0 is installed; softgrpo needs >= 5.24 (pip install -U 'transformers>=5.24,<6')
+    """
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if (major, minor) < TRANSFORMERS_MIN:
+        need = ".".join(map(str, TRANSFORMERS_MIN))
+        raise ImportError(
+            f"transformers {version} is installed; softgrpo needs >= {need} (pip install -U 'transformers>={need},<6')"
+        )
+
+
+check_transformers(transformers.__version__)
 
 THINK, DELIMITER, ANSWER, DONE = 0, 1, 2, 3
 """Per-row phase codes held in `DecodeState.phase`."""
