@@ -35,7 +35,9 @@ def backend_name_tests(path: Path) -> list[str]:
 
 def test_no_module_but_the_strategies_compares_backend_names() -> None:
     files = [p for d in ("rl", "rollouts", "rewards", "scripts") for p in sorted((REPO / d).glob("*.py"))]
-    found = [hit for p in files if p.relative_to(REPO).as_posix() not in OWNERS for hit in backend_name_tests(p)]
+    found = [
+        hit for p in files if p.relative_to(REPO).as_posix() not in OWNERS for hit in backend_name_tests(p)
+    ]
     assert not found, "backend chosen by name outside rl/parallel.py:\n" + "\n".join(found)
 
 
