@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewards.config import RewardConfig
 from rl.data import DataConfig
+from rl.gguf import ensure_converted
 from rl.learner import RLConfig
 from rl.logger import LoggerConfig
-from rl.model import ModelConfig, apply_profile, check_model_path, is_tiny_base
+from rl.model import CACHE_DIR, ModelConfig, apply_profile, check_model_path, is_tiny_base
 from rl.rundir import RESUME_MODES
 from rl.sharding import SHARDINGS
 from rl.tiny_base import TinyBaseConfig, ensure_tiny_base
@@ -138,17 +139,22 @@ class TrainConfig:
 
 def prepare_model(raw: Any, overrides: list[str]) -> str | None:
     """Make the composed config `raw`'s model ready to load, before anything else runs: the project's tiny base
-    is built if it is missing (only in its one place, `TINY_BASE_DIR`), a local path without a saved model
+    is built if it is missing (only in its one place, `TINY_BASE_DIR`), a model shipped as GGUF (`model.gguf`) is
+    converted into `model.path` if it is not there yet (rl/gguf.py), a local path without a saved model
     fails naming it, and a softgrpo model directory's profile sets the prompt format and CoT limits unless the
     command line `overrides` set them (rl/model.py). Returns the profile's note, if any."""
     if is_tiny_base(raw.model.path):
         ensure_tiny_base(to_object(compose("tiny_base"), TinyBaseConfig))
+    if raw.model.gguf:
+        ensure_converted(raw.model.path, raw.model.gguf)
     check_model_path(raw.model.path)
     return apply_profile(raw.model, overrides)
 
 
 def register_configs() -> None:
     """Put every schema in the ConfigStore (idempotent). Recipes name them in their defaults lists."""
+    # `${cache:name}` in a recipe: <repo>/.cache/name, where softgrpo keeps the models it builds or converts
+    OmegaConf.register_new_resolver("cache", lambda name: str(CACHE_DIR / name), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)

@@ -25,7 +25,8 @@ import torch
 from rl.prompts import PromptConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_BASE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tiny_base"
+CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache"  # models softgrpo builds or converts, once
+TINY_BASE_DIR = CACHE_DIR / "tiny_base"
 PROFILE_FILE = "softgrpo_model.json"
 
 
@@ -38,6 +39,8 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str | None = None  # None = transformers' default (sdpa)
     trust_remote_code: bool = False
+    # "<distribution>:<path>.gguf": `path` is converted from this GGUF file on first use (rl/gguf.py)
+    gguf: str = ""
     max_think_tokens: int = 128
     max_answer_tokens: int = 32
     prompt: PromptConfig = field(default_factory=PromptConfig)

