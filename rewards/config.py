@@ -8,6 +8,30 @@ from dataclasses import dataclass, field
 #: Every status a judged item can get, in logging order. `status_counts` always reports all six.
 STATUSES: tuple[str, ...] = ("ok", "wrong", "no_answer", "timeout", "gold_unparseable", "error")
 
+#: The training reward of each status, per scheme (`RewardConfig.scheme`). `correctness`: 1 if verified correct,
+#: else 0. `paper` ("Soft Tokens, Hard Truths", Eq. 11): 100 if correct, 10 if a `\boxed{}` answer was extracted
+#: but is wrong, 0 otherwise; a timeout counts as a boxed answer that could not be verified correct (the worker
+#: only times out after extracting one), so 10. None (cannot judge) stays None in every scheme. Evaluation's
+#: pass@k always counts correctness (`Result.reward`), whatever the scheme.
+SCHEMES: dict[str, dict[str, float | None]] = {
+    "correctness": {
+        "ok": 1.0,
+        "wrong": 0.0,
+        "no_answer": 0.0,
+        "timeout": 0.0,
+        "gold_unparseable": None,
+        "error": None,
+    },
+    "paper": {
+        "ok": 100.0,
+        "wrong": 10.0,
+        "no_answer": 0.0,
+        "timeout": 10.0,
+        "gold_unparseable": None,
+        "error": None,
+    },
+}
+
 
 def _default_workers() -> int:
     # One worker per core: verification is CPU-bound and single-threaded.
@@ -32,7 +56,9 @@ class RewardConfig:
     think_end: str = "</think>"
     #: Optional opening delimiter; the format reward only checks that it is not misplaced.
     think_start: str = "<think>"
-    #: Weight of the format reward when `RewardPool.rewards` combines it with correctness.
+    #: The training reward of each verdict (a key of `SCHEMES`): correctness 1 / 0, or the paper's 100 / 10 / 0.
+    scheme: str = "correctness"
+    #: Weight of the format reward when `RewardPool.judge` adds it to the scheme's reward.
     format_weight: float = 0.0
     #: A boxed answer longer than this is judged wrong without parsing: no real answer is that long,
     #: and parsing megabyte LaTeX only burns the timeout.
@@ -58,5 +84,7 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.max_answer_chars must be >= 1, got {self.max_answer_chars}")
         if not self.startup_timeout_s > 0:
             raise ValueError(f"RewardConfig.startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"RewardConfig.scheme={self.scheme!r}: expected one of {sorted(SCHEMES)}")
         if self.spare_workers < 0:
             raise ValueError(f"RewardConfig.spare_workers must be >= 0, got {self.spare_workers}")

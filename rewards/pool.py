@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rewards.config import RewardConfig
+from rewards.config import SCHEMES, RewardConfig
 from rewards.extract import GoldAnswer, gold_candidates
 from rewards.format import combine_rewards, format_reward
 from rewards.verify import Result, status_counts
@@ -261,14 +261,15 @@ class RewardPool:
                 raise self._startup_failed(worker, f"not ready after {self.config.startup_timeout_s} s")
 
     def judge(self, completions: Sequence[str], golds: Sequence[GoldAnswer]) -> Judged:
-        """Each completion's reward (correctness plus `format_weight` times the format reward, see
-        `combine_rewards`) and its correctness verdict (`Result`, whose status is counted and logged)."""
+        """Each completion's reward (its verdict's reward under `config.scheme`, plus `format_weight` times the
+        format reward, see `combine_rewards`) and its verdict (`Result`, whose status is counted and logged)."""
         results = self.score(completions, golds)
-        correctness = [r.reward for r in results]
+        scheme = SCHEMES[self.config.scheme]
+        verdicts = [scheme[r.status] for r in results]
         if self.config.format_weight == 0:
-            return Judged(correctness, results)
+            return Judged(verdicts, results)
         fmt = format_reward(completions, golds, self.config)
-        return Judged(combine_rewards([correctness, fmt], [1.0, self.config.format_weight]), results)
+        return Judged(combine_rewards([verdicts, fmt], [1.0, self.config.format_weight]), results)
 
     def rewards(self, completions: Sequence[str], golds: Sequence[GoldAnswer]) -> list[float | None]:
         """The rewards of `judge` alone."""

@@ -29,17 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from rewards.config import STATUSES, RewardConfig
+from rewards.config import SCHEMES, STATUSES, RewardConfig
 from rewards.extract import GoldAnswer, answer_phase, gold_candidates, last_boxed
 
-_REWARD_OF_STATUS: dict[str, float | None] = {
-    "ok": 1.0,
-    "wrong": 0.0,
-    "no_answer": 0.0,
-    "timeout": 0.0,
-    "gold_unparseable": None,
-    "error": None,
-}
+_REWARD_OF_STATUS = SCHEMES["correctness"]  # `Result.reward`: correctness, whatever the training scheme
 
 
 @dataclass(frozen=True)

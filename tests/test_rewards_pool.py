@@ -224,3 +224,20 @@ def test_math500_shifted_answers_are_wrong(pool: RewardPool, shared_data: Path) 
     # Neighbouring problems share an answer only by coincidence: measured 3 of 500 ("7"/"7", "3"/"3",
     # "5" vs gold "x=5", which math-verify treats as an assignment). Anything more means a lax verifier.
     assert status_counts(results)["ok"] <= 3
+
+
+def test_the_paper_scheme_pays_100_10_0_by_verdict() -> None:
+    """Eq. 11 of the paper: 100 when verified correct, 10 when a boxed answer was extracted but is wrong, 0 with
+    no boxed answer; an unparseable gold stays None (not judged). The verdicts (and evaluation's pass@k, which
+    reads `Result.reward`) are the same as under the default correctness scheme."""
+    completions = [r"\boxed{2}", r"\boxed{3}", "2", r"\boxed{2}"]
+    golds = ["2", "2", "2", ""]
+    with RewardPool(workers=1, spare_workers=0, scheme="paper") as paper:
+        judged = paper.judge(completions, golds)
+    with RewardPool(workers=1, spare_workers=0) as plain:
+        default = plain.judge(completions, golds)
+    assert judged.rewards == [100.0, 10.0, 0.0, None]
+    assert default.rewards == [1.0, 0.0, 0.0, None] == [r.reward for r in judged.results]
+    assert [r.status for r in judged.results] == ["ok", "wrong", "no_answer", "gold_unparseable"]
+    with pytest.raises(ValueError, match="scheme='papre'"):
+        RewardPool(scheme="papre")
