@@ -1,9 +1,11 @@
-"""Evaluation: one inference mode, `n` samples per problem, scored by the math reward, summarised as pass@k.
+"""Evaluation: one inference mode, `n` samples per problem, scored by the math reward, summarised as pass@k
+and as the CoT entropy profile (mean H(p_t) at each CoT index, the paper's Fig. 4).
 
 `evaluate_mode` is shared by `scripts/evaluate.py` and the trainer's before / periodic / after evaluations
 (`Evaluator`), so both report the same numbers for the same model, mode and seed. `Evaluator.block` is what
 summary.json holds for each of them: every mode's pass@k, per-problem pass@1 and, after training, each mode's
-paired lift over the same problems before training (`rewards.paired_lift`). `plot_run` draws a run's
+paired lift over the same problems before training (`rewards.paired_lift`); the entropy profile is left
+out of it and reported by `scripts/evaluate.py` (summary.json, entropy.png). `plot_run` draws a run's
 training curves and its pass@k before and after.
 """
 
@@ -31,7 +33,10 @@ from rollouts.record import THINK_END_REASONS, Rollout
 
 @dataclass
 class ModeSummary:
-    """What one evaluation measured. `pass_at[k]` for every power of two k <= n (unbiased estimator)."""
+    """What one evaluation measured. `pass_at[k]` for every power of two k <= n (unbiased estimator).
+    `cot_entropy_by_position[t]`: mean H(p_t) in nats over the samples whose CoT has a step t (pad
+    excluded), for t up to the longest CoT; `samples_at_position[t]`: how many samples that mean is over
+    (`entropy_by_position`)."""
 
     mode: str
     n: int
@@ -45,6 +50,8 @@ class ModeSummary:
     seconds: float
     rollouts_per_s: float  # generated rollouts per second
     per_problem_pass1: list[float | None]  # c/n per problem, in problem order (None: no sample judged)
+    cot_entropy_by_position: list[float]  # [T_max] mean CoT entropy at each CoT index, nats
+    samples_at_position: list[int]  # [T_max] samples with a CoT step at that index (counts all n·problems)
 
     def flat(self, prefix: str) -> dict[str, float]:
         """Scalar metrics for logging: `{prefix}/pass@1`, ..."""
@@ -63,6 +70,25 @@ def powers_of_two(n: int) -> list[int]:
     if n < 1:
         raise ValueError(f"n={n}: need at least one sample per problem")
     return [2**i for i in range(n.bit_length()) if 2**i <= n]
+
+
+def entropy_by_position(entropies: list[list[float]]) -> tuple[list[float], list[int]]:
+    """The CoT entropy profile: for each CoT index t = 0..T_max-1 (T_max: the longest CoT), the mean of H(p_t)
+    over the samples that have a step t, and how many do. `entropies[i]` holds sample i's per-step entropy,
+    its real steps only, so padding never enters a mean. Every sample counts once, repeats included (a
+    deterministic mode's n identical copies count n times, which gives the same means as weighting the one
+    rollout by n).
+
+    >>> entropy_by_position([[1.0, 2.0, 3.0], [3.0], []])
+    ([2.0, 2.0, 3.0], [2, 1, 1])
+    """
+    longest = max((len(e) for e in entropies), default=0)
+    sums, counts = [0.0] * longest, [0] * longest
+    for e in entropies:
+        for t, h in enumerate(e):
+            sums[t] += h
+            counts[t] += 1
+    return [s / c for s, c in zip(sums, counts, strict=True)], counts
 
 
 def special_ids(tokenizer: Any, prompt: PromptConfig) -> tuple[tuple[int, ...], int, int]:
@@ -166,6 +192,7 @@ def _problem_rows(
                         "reward": results[i].reward,
                         "status": results[i].status,
                         "think_end": samples[i].think_end,
+                        "cot_entropy": samples[i].cot_entropy,  # H(p_t) per CoT step, nats
                     }
                     for i in mine
                 ],
@@ -186,6 +213,7 @@ def _summarize(
     every = [s for row in rows for s in row["samples"]]
     reasons = Counter(s["think_end"] for s in every)
     per_problem = [[s["reward"] for s in row["samples"]] for row in rows]
+    entropy_mean, entropy_count = entropy_by_position([s["cot_entropy"] for s in every])
     return ModeSummary(
         mode=mode,
         n=n,
@@ -199,13 +227,16 @@ def _summarize(
         seconds=round(seconds, 2),
         rollouts_per_s=round(generated / seconds, 2),
         per_problem_pass1=[pass_at_k_per_problem(r, 1) for r in per_problem],
+        cot_entropy_by_position=entropy_mean,
+        samples_at_position=entropy_count,
     )
 
 
 def write_outputs(
     out_dir: str | Path, rows: list[dict[str, Any]], summary: ModeSummary, config_yaml: str
 ) -> Path:
-    """`samples.jsonl`, `summary.json` (pass@1 and pass@k), `config.yaml` and `passk.png` under `out_dir`."""
+    """`samples.jsonl`, `summary.json` (pass@1, pass@k and the CoT entropy profile), `config.yaml`,
+    `passk.png` and `entropy.png` under `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
@@ -217,6 +248,12 @@ def write_outputs(
     (out / "summary.json").write_text(json.dumps(body, indent=2))
     (out / "config.yaml").write_text(config_yaml)
     plot_pass_at_k({summary.mode: summary.pass_at}, out / "passk.png")
+    plot_entropy_by_position(
+        {summary.mode: summary.cot_entropy_by_position},
+        out / "entropy.png",
+        counts={summary.mode: summary.samples_at_position},
+        title=f"CoT entropy by position: {summary.mode}",
+    )
     return out
 
 
@@ -235,6 +272,47 @@ def plot_pass_at_k(curves: dict[str, dict[int, float]], path: str | Path, title:
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
     ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_entropy_by_position(
+    curves: dict[str, list[float]],
+    path: str | Path,
+    *,
+    counts: dict[str, list[int]] | None = None,
+    title: str = "CoT entropy by position",
+) -> None:
+    """One line per mode or model (name -> `cot_entropy_by_position`): mean CoT entropy in nats against CoT
+    index, e.g. a base model against its trained runs (the paper's Fig. 4). `counts` (name ->
+    `samples_at_position`) are drawn faintly in the same colour on a second y-axis, to show where a mean rests
+    on few samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    twin = ax.twinx() if counts else None
+    for name, values in curves.items():
+        (line,) = ax.plot(
+            range(len(values)), values, marker="o" if len(values) <= 40 else None, ms=3, label=name
+        )
+        if twin is not None and name in counts:
+            n_t = counts[name]
+            twin.fill_between(range(len(n_t)), n_t, step="mid", color=line.get_color(), alpha=0.12, lw=0)
+    if twin is not None:
+        twin.set_ylabel("samples at position", alpha=0.6)
+        twin.set_ylim(bottom=0)
+        ax.set_zorder(twin.get_zorder() + 1)  # the means above the faint counts
+        ax.patch.set_visible(False)
+    ax.set_xlabel("CoT position t")
+    ax.set_ylabel("mean H(p_t), nats")
+    ax.set_ylim(bottom=0)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

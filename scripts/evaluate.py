@@ -3,8 +3,10 @@
     python scripts/evaluate.py model.path=DIR data=gsm8k data.path=../shared/data/gsm8k_test.jsonl \
         data.limit=100 infer=soft_sample n=8 output_dir=OUT
 
-Writes OUT/samples.jsonl (one row per problem), OUT/summary.json (pass@1, pass@k for every power of two
-k <= n, lengths, think-end reasons, timings), OUT/config.yaml and OUT/passk.png.
+Writes OUT/samples.jsonl (one row per problem, each sample with its per-step CoT entropy), OUT/summary.json
+(pass@1, pass@k for every power of two k <= n, lengths, think-end reasons, timings, and the CoT entropy
+profile: `cot_entropy_by_position`, the mean H(p_t) in nats at each CoT index over the samples that reached it,
+with `samples_at_position`), OUT/config.yaml, OUT/passk.png and OUT/entropy.png (the profile).
 """
 
 import json
