@@ -77,6 +77,8 @@ def as_tested(command: str, tmp: Path) -> str | None:
         return f"{moved} output_dir={tmp}/tiny_base {TINY_BUILD_SHRINK}"
     if command.startswith("python scripts/evaluate.py"):
         return f"{moved} data.limit=4 n=2 batch_size=4"
+    if command.startswith("python scripts/evaluate_ood.py"):  # the fixtures, 2 problems each
+        return f"{moved.replace('out/ood', f'{tmp}/out/ood')} limit=2"
     if command.startswith("python scripts/bench_rollout.py"):
         return f"{moved} --new-tokens 4 --repeats 1 --batch 2"
     if command.startswith("python scripts/bench_learner.py"):
