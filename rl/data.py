@@ -77,7 +77,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-class _BadRow(ValueError):
+class BadRow(ValueError):
     """A row parser's complaint; `load_problems` adds the origin (file or hub id) and the row index."""
 
     def __init__(self, key: str, problem: str) -> None:
@@ -85,67 +85,70 @@ class _BadRow(ValueError):
         self.key = key
 
 
-def _text(row: Mapping[str, Any], key: str) -> str:
-    """The non-empty string at `row[key]`, stripped."""
+def row_value(row: Mapping[str, Any], key: str) -> Any:
+    """`row[key]`, or a `BadRow` naming the key and the keys the row has."""
     if key not in row:
-        raise _BadRow(key, f"missing (row has keys {sorted(row)})")
-    value = row[key]
+        raise BadRow(key, f"missing (row has keys {sorted(row)})")
+    return row[key]
+
+
+def row_text(row: Mapping[str, Any], key: str) -> str:
+    """The non-empty string at `row[key]`, stripped."""
+    value = row_value(row, key)
     if not isinstance(value, str):
-        raise _BadRow(key, f"expected a string, got {type(value).__name__} {value!r:.80}")
+        raise BadRow(key, f"expected a string, got {type(value).__name__} {value!r:.80}")
     if not value.strip():
-        raise _BadRow(key, "empty")
+        raise BadRow(key, "empty")
     return value.strip()
 
 
-# Row parsers: raw row -> (question, gold answers). One per dataset; they raise _BadRow.
+# Row parsers: raw row -> (question, gold answers). One per dataset; they raise BadRow.
 RowParser = Callable[[Mapping[str, Any]], tuple[str, tuple[str, ...]]]
 
 
 def _parse_gsm8k(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     try:
-        gold = gsm8k_gold(_text(row, "answer"))
+        gold = gsm8k_gold(row_text(row, "answer"))
     except ValueError as err:  # no '####' marker
-        raise _BadRow("answer", str(err)) from None
+        raise BadRow("answer", str(err)) from None
     if not gold:
-        raise _BadRow("answer", "nothing after '####'")
-    return _text(row, "question"), (gold,)
+        raise BadRow("answer", "nothing after '####'")
+    return row_text(row, "question"), (gold,)
 
 
 def _parse_problem_answer(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
-    return _text(row, "problem"), (_text(row, "answer"),)
+    return row_text(row, "problem"), (row_text(row, "answer"),)
 
 
 def _parse_olympiadbench(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
-    question = _text(row, "question")
+    question = row_text(row, "question")
     context = row.get("context")  # optional in the schema: absent and null both mean "no shared setup"
     if isinstance(context, str) and context.strip():
         question = f"{context.strip()}\n{question}"
     if "final_answer" not in row:
-        raise _BadRow("final_answer", f"missing (row has keys {sorted(row)})")
+        raise BadRow("final_answer", f"missing (row has keys {sorted(row)})")
     raw = row["final_answer"]
     answers = [raw] if isinstance(raw, str) else raw
     if not isinstance(answers, list | tuple) or not answers:
-        raise _BadRow("final_answer", f"expected a non-empty list of strings, got {raw!r:.80}")
+        raise BadRow("final_answer", f"expected a non-empty list of strings, got {raw!r:.80}")
     if not all(isinstance(a, str) and a.strip() for a in answers):
-        raise _BadRow("final_answer", f"expected non-empty strings, got {raw!r:.80}")
+        raise BadRow("final_answer", f"expected non-empty strings, got {raw!r:.80}")
     return question, tuple(a.strip() for a in answers)
 
 
 def _parse_math_solution(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
-    solution = _text(row, "solution")
+    solution = row_text(row, "solution")
     gold = last_boxed(solution)
     if gold is None or not gold.strip():
-        raise _BadRow(
-            "solution", f"its last \\boxed{{...}} is missing, unclosed or empty: {solution[-80:]!r}"
-        )
-    return _text(row, "problem"), (gold.strip(),)
+        raise BadRow("solution", f"its last \\boxed{{...}} is missing, unclosed or empty: {solution[-80:]!r}")
+    return row_text(row, "problem"), (gold.strip(),)
 
 
 def _parse_synthetic(row: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     answer = row.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, int):
-        raise _BadRow("answer", f"expected an int, got {answer!r:.80}")
-    return _text(row, "question"), (str(answer),)
+        raise BadRow("answer", f"expected an int, got {answer!r:.80}")
+    return row_text(row, "question"), (str(answer),)
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,7 @@ def load_problems(cfg: DataConfig, split: str) -> list[Problem]:
             raise ValueError(f"{origin}: row {index}: expected an object, got {type(row).__name__}")
         try:
             question, answers = source.parse(row)
-        except _BadRow as err:
+        except BadRow as err:
             raise ValueError(f"{origin}: row {index}: {err}") from None
         own_id = row.get(source.id_key) if source.id_key else None
         uid = f"{cfg.name}-{own_id}" if own_id is not None else f"{cfg.name}-{split}-{index}"
@@ -237,16 +240,7 @@ def _read_file(path: Path) -> list[Any]:
         raise ValueError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for line_no, line in utf8_lines(path):
-            if not line.strip():
-                continue  # a trailing blank line is common and is not a row
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                where = f"{path}: line {line_no} (row {len(rows)})"
-                raise ValueError(f"{where}: invalid JSON: {err}") from None
-        return rows
+        return [row for _, row in jsonl_rows(path)]
     if suffix == ".json":
         text = decode_utf8(path.read_bytes(), str(path))
         try:
@@ -259,6 +253,22 @@ def _read_file(path: Path) -> list[Any]:
     if suffix == ".parquet":
         return _read_parquet(path)
     raise ValueError(f"data file {path}: unsupported suffix {suffix!r}; expected .jsonl, .json or .parquet")
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each non-blank line of a JSONL file; `where` names the file, line and row, and invalid
+    JSON is an error naming them."""
+    index = 0
+    for line_no, line in utf8_lines(path):
+        if not line.strip():
+            continue  # a trailing blank line is common and is not a row
+        where = f"{path}: line {line_no} (row {index})"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON: {err}") from None
+        yield where, row
+        index += 1
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:

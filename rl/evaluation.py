@@ -272,6 +272,13 @@ def plot_pass_at_k(curves: dict[str, dict[int, float]], path: str | Path, title:
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k")
     ax.set_ylim(0, 1.02)
+    _save_figure(fig, ax, path, title)
+
+
+def _save_figure(fig: Any, ax: Any, path: str | Path, title: str) -> None:
+    """The house style's last touches (title, grid, legend), then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -313,12 +320,7 @@ def plot_entropy_by_position(
     ax.set_xlabel("CoT position t")
     ax.set_ylabel("mean H(p_t), nats")
     ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, ax, path, title)
 
 
 @dataclass

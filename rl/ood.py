@@ -36,7 +36,6 @@ How this relates to the paper and to lm-eval-harness (whose conventions it follo
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rl.data import utf8_lines
+from rl.data import BadRow, jsonl_rows, row_text, row_value
 from rl.model import DTYPES
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,40 +125,18 @@ class ChoiceProblem:
     correct: int
 
 
-class _BadRow(ValueError):
-    """A row parser's complaint; `load_benchmark` adds the origin (file and line, or hub id and row)."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"key {key!r}: {problem}")
-
-
-def _get(row: Mapping[str, Any], key: str) -> Any:
-    if key not in row:
-        raise _BadRow(key, f"missing (row has keys {sorted(row)})")
-    return row[key]
-
-
-def _text(row: Mapping[str, Any], key: str) -> str:
-    value = _get(row, key)
-    if not isinstance(value, str):
-        raise _BadRow(key, f"expected a string, got {type(value).__name__} {value!r:.80}")
-    if not value.strip():
-        raise _BadRow(key, "empty")
-    return value.strip()
-
-
 def _texts(value: Any, key: str) -> list[str]:
     """A list of at least two non-empty strings, stripped."""
     if not isinstance(value, list | tuple) or len(value) < 2:
-        raise _BadRow(key, f"expected a list of at least 2 strings, got {value!r:.120}")
+        raise BadRow(key, f"expected a list of at least 2 strings, got {value!r:.120}")
     if not all(isinstance(v, str) and v.strip() for v in value):
-        raise _BadRow(key, f"expected non-empty strings, got {value!r:.120}")
+        raise BadRow(key, f"expected non-empty strings, got {value!r:.120}")
     return [v.strip() for v in value]
 
 
 def _index(value: int, n: int, key: str) -> int:
     if not 0 <= value < n:
-        raise _BadRow(key, f"{value} is not a choice index (0..{n - 1})")
+        raise BadRow(key, f"{value} is not a choice index (0..{n - 1})")
     return value
 
 
@@ -182,33 +159,33 @@ RowParser = Callable[[Mapping[str, Any]], tuple[str, list[str], int, str | None]
 
 
 def _parse_hellaswag(row: Mapping[str, Any]) -> tuple[str, list[str], int, str | None]:
-    ctx = _text(row, "ctx")
+    ctx = row_text(row, "ctx")
     label = row.get("activity_label")  # optional: the harness prefixes it, and the hub always has it
     context = hellaswag_preprocess(f"{label}: {ctx}" if isinstance(label, str) and label.strip() else ctx)
-    endings = [hellaswag_preprocess(e) for e in _texts(_get(row, "endings"), "endings")]
-    raw = _get(row, "label")
+    endings = [hellaswag_preprocess(e) for e in _texts(row_value(row, "endings"), "endings")]
+    raw = row_value(row, "label")
     if isinstance(raw, str) and not raw.strip():
-        raise _BadRow("label", "empty (HellaSwag's test split is unlabelled: use split=validation)")
+        raise BadRow("label", "empty (HellaSwag's test split is unlabelled: use split=validation)")
     if isinstance(raw, bool) or not (
         isinstance(raw, int) or (isinstance(raw, str) and raw.strip().isdigit())
     ):
-        raise _BadRow("label", f"expected a digit string like '2', got {raw!r:.80}")
+        raise BadRow("label", f"expected a digit string like '2', got {raw!r:.80}")
     own_id = row.get("ind")
     return context, endings, _index(int(raw), len(endings), "label"), None if own_id is None else str(own_id)
 
 
 def _parse_arc(row: Mapping[str, Any]) -> tuple[str, list[str], int, str | None]:
-    question = _text(row, "question")
-    choices = _get(row, "choices")
+    question = row_text(row, "question")
+    choices = row_value(row, "choices")
     if not isinstance(choices, Mapping) or "text" not in choices or "label" not in choices:
-        raise _BadRow("choices", f"expected {{'text': [...], 'label': [...]}}, got {choices!r:.120}")
+        raise BadRow("choices", f"expected {{'text': [...], 'label': [...]}}, got {choices!r:.120}")
     texts = _texts(choices["text"], "choices.text")
     labels = _texts(choices["label"], "choices.label")
     if len(labels) != len(texts):
-        raise _BadRow("choices", f"{len(texts)} texts but {len(labels)} labels")
-    answer = _text(row, "answerKey")
+        raise BadRow("choices", f"{len(texts)} texts but {len(labels)} labels")
+    answer = row_text(row, "answerKey")
     if answer not in labels:  # letters (A-E) on most rows, digits (1-5) on some
-        raise _BadRow("answerKey", f"{answer!r} is not one of the choice labels {labels}")
+        raise BadRow("answerKey", f"{answer!r} is not one of the choice labels {labels}")
     own_id = row.get("id")
     return (
         f"Question: {question}\nAnswer:",
@@ -219,11 +196,11 @@ def _parse_arc(row: Mapping[str, Any]) -> tuple[str, list[str], int, str | None]
 
 
 def _parse_mmlu(row: Mapping[str, Any]) -> tuple[str, list[str], int, str | None]:
-    question = _text(row, "question")
-    choices = _texts(_get(row, "choices"), "choices")
-    answer = _get(row, "answer")
+    question = row_text(row, "question")
+    choices = _texts(row_value(row, "choices"), "choices")
+    answer = row_value(row, "answer")
     if isinstance(answer, bool) or not isinstance(answer, int):
-        raise _BadRow("answer", f"expected an int choice index, got {answer!r:.80}")
+        raise BadRow("answer", f"expected an int choice index, got {answer!r:.80}")
     return f"Question: {question}\nAnswer:", choices, _index(answer, len(choices), "answer"), None
 
 
@@ -270,7 +247,7 @@ def load_benchmark(
             raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
         try:
             context, choices, correct, own_id = bench.parse(row)
-        except _BadRow as err:
+        except BadRow as err:
             raise ValueError(f"{where}: {err}") from None
         uid = f"{name}-{own_id}" if own_id is not None else f"{name}-{index}"
         problems.append(ChoiceProblem(uid, context, choices, correct))
@@ -283,17 +260,7 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"benchmark file {path} does not exist")
     if path.suffix.lower() != ".jsonl":
         raise ValueError(f"benchmark file {path}: expected a .jsonl file (one hub-shaped row per line)")
-    index = 0
-    for line_no, line in utf8_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}: line {line_no} (row {index})"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON: {err}") from None
-        yield where, row
-        index += 1
+    return jsonl_rows(path)
 
 
 def _hub_rows(bench: Benchmark, split: str) -> Iterable[tuple[str, Any]]:
