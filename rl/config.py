@@ -38,7 +38,18 @@ INFER_MODES = ("hard_greedy", "hard_sample", "soft_greedy", "soft_sample", "fuzz
 @dataclass
 class TrainerConfig:
     """Run length, batch, evaluation and checkpoint cadence. `eval_modes` names recipes in recipes/infer/;
-    the final evaluation runs all of them, `eval_primary` is the one evaluated periodically."""
+    the final evaluation runs all of them, `eval_primary` is the one evaluated periodically. The evaluation
+    modes think for at most `eval_max_think_tokens` CoT steps (0 = the training cap `cot.max_think_tokens`; the
+    paper trains GSM8K with 128 and evaluates with 512).
+
+    `select_best` is the paper's model selection: the policy tested is the one with the best `eval_primary`
+    pass@1 among the evaluations made during the run. The candidates are the pre-training evaluation (step 0:
+    the base weights), every `eval_every`-th step and the last step; a candidate strictly better than every
+    earlier one is saved whole into `output_dir/best/` (with `selected.json`: its step and pass@1), so best/
+    always holds the selected weights, the base ones until training beats them. After training, best/'s weights
+    are loaded into the policy: `eval_after`, summary.json's `selected` block and `final/` are those of the
+    selected step, while the last weights stay in the newest checkpoint (which a longer run resumes from).
+    It needs `eval_every` > 0 and `eval_modes`."""
 
     max_steps: int = 100
     prompts_per_step: int = 16  # global, over all processes
@@ -51,6 +62,8 @@ class TrainerConfig:
     eval_batch_size: int = 64
     eval_primary: str = "soft_sample"
     eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
+    eval_max_think_tokens: int = 0  # CoT cap of the evaluation modes; 0 = cot.max_think_tokens
+    select_best: bool = False  # test the best eval_primary pass@1 of the run, kept in output_dir/best/
     save_every: int = 50
     keep_last: int = 2  # 0 = keep every checkpoint
     diag_every: int = 10  # steps between CoT-term gradient norms (an extra backward pass); 0 = never
@@ -77,6 +90,11 @@ class TrainerConfig:
         for key in ("eval_every", "keep_last", "diag_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 0 (0 = off)")
+        if self.eval_max_think_tokens < 0:
+            raise ValueError(
+                f"trainer.eval_max_think_tokens={self.eval_max_think_tokens}: must be >= 0 "
+                "(0 = cot.max_think_tokens)"
+            )
         for key in ("eval_problems", "eval_n", "eval_batch_size"):
             if self.eval_modes and getattr(self, key) < 1:
                 raise ValueError(
@@ -92,6 +110,11 @@ class TrainerConfig:
         if unknown or (self.eval_modes and self.eval_primary not in INFER_MODES):
             raise ValueError(
                 f"trainer.eval_modes={self.eval_modes}, eval_primary={self.eval_primary!r}: modes must be in {INFER_MODES}"
+            )
+        if self.select_best and not (self.eval_every and self.eval_modes):
+            raise ValueError(
+                f"trainer.select_best=true needs periodic evaluations to select from: trainer.eval_every="
+                f"{self.eval_every} (must be >= 1) and trainer.eval_modes={self.eval_modes} (must not be empty)"
             )
 
     def check_processes(self, world: int) -> None:
@@ -115,10 +138,13 @@ class EvaluateConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     output_dir: str = "outputs/eval"
+    trace_problems: int = 4  # the first problems shown step by step in trace.html (0 = no trace.html)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.batch_size < 1:
             raise ValueError(f"n={self.n}, batch_size={self.batch_size}: both must be >= 1")
+        if self.trace_problems < 0:
+            raise ValueError(f"trace_problems={self.trace_problems}: must be >= 0 (0 = no trace.html)")
         if Path(self.output_dir).resolve() == Path(self.model.path).expanduser().resolve():
             raise ValueError(f"output_dir={self.output_dir!r} is model.path: a model directory is read-only")
 

@@ -29,6 +29,7 @@ from rollouts.config import CotConfig
 from rollouts.distributions import sigma_from_rms
 from rollouts.engine import generate
 from rollouts.record import THINK_END_REASONS, Rollout
+from rollouts.stopping import StopSpec
 
 
 @dataclass
@@ -91,15 +92,13 @@ def entropy_by_position(entropies: list[list[float]]) -> tuple[list[float], list
     return [s / c for s, c in zip(sums, counts, strict=True)], counts
 
 
-def special_ids(tokenizer: Any, prompt: PromptConfig) -> tuple[tuple[int, ...], int, int]:
-    """(think-end delimiter ids, eos id, pad id) for the engine."""
-    think_end = tuple(tokenizer(prompt.think_end, add_special_tokens=False).input_ids)
-    if not think_end:
-        raise ValueError(f"think_end={prompt.think_end!r} encodes to no tokens")
+def special_ids(tokenizer: Any, prompt: PromptConfig) -> tuple[StopSpec, int, int]:
+    """(the think-end rule, eos id, pad id) for the engine."""
+    stop = StopSpec.from_tokenizer(tokenizer, prompt.think_end, prompt.stop_on, prompt.answer_prefill)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; the answer phase could never end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return think_end, tokenizer.eos_token_id, pad
+    return stop, tokenizer.eos_token_id, pad
 
 
 @torch.no_grad()
@@ -128,7 +127,7 @@ def evaluate_mode(
     start = time.time()
     was_training = model.training
     model.eval()
-    think_end_ids, eos_id, pad_id = special_ids(tokenizer, prompt)
+    stop, eos_id, pad_id = special_ids(tokenizer, prompt)
     generator = torch.Generator(device=model.device).manual_seed(seed)
     rows: list[dict[str, Any]] = []
     statuses: list[Result] = []
@@ -144,7 +143,7 @@ def evaluate_mode(
             infer,
             group_size=drawn,
             sigma=sigma,
-            think_end_ids=think_end_ids,
+            stop=stop,
             eos_id=eos_id,
             pad_id=pad_id,
             generator=generator,
@@ -327,9 +326,10 @@ def plot_entropy_by_position(
 class Evaluator:
     """A training run's held-out evaluations: `n` samples of each of `problems` in the inference modes `modes`
     (name -> the mode's CotConfig, built by the entry script from recipes/infer/ with the training CoT's
-    limits), `primary` first. σ of every mode is taken from `rms`, the rms(E) of the run's STARTING
-    embeddings, so the noise does not drift as training moves E. Run on the main process only: evaluation is
-    cheap next to training and its numbers must not depend on the process count."""
+    limits, except the CoT cap `trainer.eval_max_think_tokens` when set), `primary` first. σ of every mode is
+    taken from `rms`, the rms(E) of the run's STARTING embeddings, so the noise does not drift as training moves
+    E. Run on the main process only: evaluation is cheap next to training and its numbers must not depend on the
+    process count."""
 
     tokenizer: Any
     problems: list[Problem]

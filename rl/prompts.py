@@ -13,7 +13,9 @@ Two renderings:
    the tokenizer has one) so that a rendered prompt always holds all its special tokens, exactly as a chat
    template does; hence there is one tokenisation rule for both cases: `add_special_tokens=False`.
 
-The user message is `f"{question}\\n{instruction}"`, or the bare question when the instruction is empty.
+The user message is `f"{question}\\n{instruction}"`, or the bare question when the instruction is empty; with a
+`template` (a whole prompt text holding `{question}`, as the paper's App. B prompt) it is the template with the
+question in its place, and the plain rendering adds nothing after it (no newline).
 
 Think-start: appended unless the rendered text already ends with it, ignoring trailing whitespace.
 Templates of reasoning models (DeepSeek-R1 distills, some Qwen3 variants) already open the block as
@@ -37,6 +39,21 @@ class PromptConfig:
     think_start: str = "<think>"
     think_end: str = "</think>"
     use_chat_template: bool = True  # False forces the plain rendering even when a template exists
+    # the user message with `{question}` where the question goes (replaces question + instruction); None = unused
+    template: str | None = None
+    # how the CoT's end is recognised (rollouts/stopping.py): "ids" = the stream's token ids complete `think_end`;
+    # "text" = the stream's decoded text contains `think_end` (a phrase, as the paper's "The final answer is:")
+    stop_on: str = "ids"
+    # forced after the think-end (e.g. " \\boxed{"): the answer's opening, as the paper prefills it
+    answer_prefill: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stop_on not in ("ids", "text"):
+            raise ValueError(f"prompt.stop_on={self.stop_on!r}: expected 'ids' or 'text'")
+        if not self.think_end:
+            raise ValueError("prompt.think_end is empty: the CoT needs a delimiter (or phrase) to end on")
+        if self.template is not None and self.template.count("{question}") != 1:
+            raise ValueError(f"prompt.template must hold '{{question}}' exactly once: {self.template!r}")
 
 
 def user_message(question: str, cfg: PromptConfig) -> str:
@@ -46,7 +63,11 @@ def user_message(question: str, cfg: PromptConfig) -> str:
     '1+1?'
     >>> user_message("1+1?", PromptConfig(instruction="Be brief."))
     '1+1?\\nBe brief.'
+    >>> user_message("1+1?", PromptConfig(template="User: {question} Assistant:"))
+    'User: 1+1? Assistant:'
     """
+    if cfg.template is not None:
+        return cfg.template.replace("{question}", question)
     return f"{question}\n{cfg.instruction}" if cfg.instruction else question
 
 
@@ -75,7 +96,7 @@ def render_prompt(tokenizer: Any, question: str, cfg: PromptConfig) -> str:
     else:
         bos = getattr(tokenizer, "bos_token", None) or ""
         system = f"{cfg.system}\n\n" if cfg.system is not None else ""
-        text = f"{bos}{system}{user}\n"
+        text = f"{bos}{system}{user}" + ("" if cfg.template is not None else "\n")
     if cfg.think_start and not text.rstrip().endswith(cfg.think_start):
         text += cfg.think_start
     return text

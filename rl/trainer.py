@@ -15,12 +15,20 @@ One step (global batch = `prompts_per_step` prompts × G samples):
 Around the loop: the held-out evaluation before training, every `eval_every` steps and after it
 (rl/evaluation.py), the final checkpoint and the final policy in `output_dir/final`, and SIGTERM (finish the
 step, checkpoint, exit 143).
+
+Model selection (`trainer.select_best`, the paper's "the best checkpoint is the one tested"): the pre-training
+evaluation and every periodic one (the last step's included) are candidates; one whose primary pass@1 beats every
+earlier candidate's is saved whole into `output_dir/best/`. The base weights are saved there at the start, so
+best/ always holds the selection and step 0 needs no special case later. After training they are loaded into the
+policy, and the after-evaluation, summary.json's `selected` and `final/` are theirs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import time
 import zlib
@@ -33,7 +41,7 @@ from tqdm.auto import tqdm
 
 from rewards import STATUSES, Judged, RewardPool
 from rl import learner
-from rl.checkpoint import TrainState, latest_verified_checkpoint
+from rl.checkpoint import TrainState, check_model_keys, latest_verified_checkpoint
 from rl.data import Problem
 from rl.evaluation import Evaluator, plot_run, special_ids
 from rl.logger import MetricsLogger, NullLogger, drop_rows_after
@@ -42,6 +50,7 @@ from rl.optim import fit_warmup
 from rl.parallel import Parallel
 from rl.prompts import encode_prompts
 from rl.rundir import CONFIG_FILE, RunPlan, config_yaml
+from rl.sharding import load_full_state_dicts
 from rl.stats import StepSample, StepStats, merge_stats, step_stats
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
@@ -74,6 +83,43 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     return out
 
 
+BEST_DIR = "best"  # output_dir/best/: the selected policy (trainer.select_best)
+SELECTED_FILE = "selected.json"  # best/selected.json: which evaluation selected it (`Selection`)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What `output_dir/best/` holds under trainer.select_best: the weights of step `step` (0: the base model),
+    whose held-out pass@1 `pass1` in mode `by` no earlier evaluation of the run reached.
+
+    It lives in best/selected.json beside the weights it describes, not in the checkpoints: best/ is written when
+    a step is selected, possibly after the newest checkpoint, and a resumed run must compare with what best/ holds.
+    An exact resume re-evaluates the steps after its checkpoint to the same pass@1, which does not beat the
+    record, so it keeps the selection the uninterrupted run would have made."""
+
+    step: int
+    pass1: float
+    by: str
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json's `selected` block (and selected.json's content)."""
+        return {"step": self.step, "pass@1": self.pass1, "by": self.by}
+
+    def save(self, directory: Path) -> None:
+        (directory / SELECTED_FILE).write_text(json.dumps(self.summary(), indent=2) + "\n")
+
+    @staticmethod
+    def load(directory: Path) -> Selection:
+        file = directory / SELECTED_FILE
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} is missing: a trainer.select_best run keeps its selected policy and this record in "
+                f"{directory} from its first evaluation on, so this run cannot be resumed with its selection"
+            )
+        data = json.loads(file.read_text())
+        return Selection(int(data["step"]), float(data["pass@1"]), str(data["by"]))
+
+
 @dataclass
 class RunParts:
     """What the entry script builds and the loop runs on (scripts/train.py `build_trainer`)."""
@@ -100,7 +146,7 @@ class Trainer:
         self.config_yaml = config_yaml(cfg)
         self.model.train()
         rms = embedding_rms_by_kind(input_embedding_matrix(self.model))  # whole until the strategy shards it
-        self.think_end_ids, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
+        self.stop, self.eos_id, self.pad_id = special_ids(self.tokenizer, cfg.model.prompt)
         optim_cfg, note = fit_warmup(cfg.rl.optim, cfg.trainer.max_steps)
         if note and self.main:
             print(f"[softgrpo] {note}", flush=True)
@@ -115,6 +161,7 @@ class Trainer:
             tcfg.eval_batch_size, cfg.model.prompt, self.state.rms, tcfg.seed,
         )  # fmt: skip
         self._stop = False
+        self.best: Selection | None = None  # trainer.select_best: what best/ holds (same on every process)
 
     def _maybe_resume(self) -> Path | None:
         if not self.plan.resume:
@@ -154,7 +201,7 @@ class Trainer:
                         self.cfg.cot,
                         group_size=self.cfg.rl.group_size,
                         sigma=self.state.sigma,
-                        think_end_ids=self.think_end_ids,
+                        stop=self.stop,
                         eos_id=self.eos_id,
                         pad_id=self.pad_id,
                         generator=gen,
@@ -198,12 +245,12 @@ class Trainer:
         return step_stats(sample, update, self.cfg.rl.advantages, time.time() - start)
 
     # ---------------------------------------------------------------- checkpoints
-    def profile(self) -> ModelProfile:
+    def profile(self, step: int | None = None) -> ModelProfile:
         """What the trained policy's directories say about it: the prompt format and the CoT limits it was
-        trained with, and the rms(E) its noise scale refers to (rl/model.py)."""
-        written_by = (
-            f"softgrpo train step {self.state.step} (cot={self.cfg.cot.name}, from {self.cfg.model.path})"
-        )
+        trained with, the rms(E) its noise scale refers to (rl/model.py), and the step its weights are from
+        (default: the current one)."""
+        step = self.state.step if step is None else step
+        written_by = f"softgrpo train step {step} (cot={self.cfg.cot.name}, from {self.cfg.model.path})"
         limits = {
             "max_think_tokens": self.cfg.cot.max_think_tokens,
             "max_answer_tokens": self.cfg.cot.max_answer_tokens,
@@ -258,26 +305,46 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self.on_sigterm)
         try:
             with RewardPool(self.cfg.reward) as pool:
-                if "eval_before" not in summary:
-                    summary["eval_before"] = self.evaluate(pool, "before")
-                    if self.main:
-                        summary_path.write_text(json.dumps(summary, indent=2))
+                self._start(pool, summary, summary_path)
                 saved_step = self._loop(pool, logger)
                 if self._stop:
                     self._exit_on_sigterm(saved_step)
                 if saved_step != self.state.step:
-                    self.checkpoint()
-                summary["eval_after"] = self.evaluate(pool, "after", before=summary["eval_before"])
-                if self.main:
-                    summary["train"] = self._train_summary()
-                    summary_path.write_text(json.dumps(summary, indent=2))
-                self.parallel.save_model(self.out / "final", self.tokenizer, self.profile())
-                if self.main:
-                    plot_run(self.out, summary)
+                    self.checkpoint()  # the last weights, before the selected ones replace them in the policy
+                self._finish(pool, summary, summary_path)
         finally:
             signal.signal(signal.SIGTERM, previous)
             logger.close()
         return summary
+
+    def _start(self, pool: RewardPool, summary: dict[str, Any], summary_path: Path) -> None:
+        """The pre-training evaluation into `summary` and, under trainer.select_best, the base weights as the first
+        candidate; a resumed run keeps both (its evaluation in summary.json, its selection in best/)."""
+        select = self.cfg.trainer.select_best
+        if "eval_before" in summary:
+            self.best = Selection.load(self.out / BEST_DIR) if select else None
+            return
+        summary["eval_before"] = self.evaluate(pool, "before")
+        if select:  # best/ is written before summary.json, so a run that has the one has the other
+            self._select(self.state.step, summary["eval_before"]["pass@1"] if self.main else None)
+        if self.main:
+            summary_path.write_text(json.dumps(summary, indent=2))
+
+    def _finish(self, pool: RewardPool, summary: dict[str, Any], summary_path: Path) -> None:
+        """After training: under trainer.select_best the selected weights into the policy; the after-evaluation,
+        summary.json, `final/` (the policy evaluated) and the plots."""
+        step = self.state.step
+        if self.cfg.trainer.select_best:
+            self._load_best()
+            step = self.best.step
+            summary["selected"] = self.best.summary()
+        summary["eval_after"] = self.evaluate(pool, "after", before=summary["eval_before"])
+        if self.main:
+            summary["train"] = self._train_summary()
+            summary_path.write_text(json.dumps(summary, indent=2))
+        self.parallel.save_model(self.out / "final", self.tokenizer, self.profile(step))
+        if self.main:
+            plot_run(self.out, summary)
 
     def _loop(self, pool: RewardPool, logger: MetricsLogger | NullLogger) -> int | None:
         """Train until `max_steps` or SIGTERM; returns the step of the newest checkpoint (None: none yet)."""
@@ -290,17 +357,82 @@ class Trainer:
             logger.log(stats.as_metrics(), step=step)
             bar.update(1)
             bar.set_postfix(reward=f"{stats.reward_mean:.3f}", cot=f"{stats.cot_len:.1f}")
-            if tcfg.eval_modes and tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.max_steps:
-                primary = tcfg.eval_primary
-                with self.parallel.generation_view() as policy:
-                    if self.main:
-                        evals = self.evaluator.evaluate(policy, [primary], pool, f"step {step}")
-                        logger.log(evals[primary].flat(f"eval/{primary}"), step=step)
+            if self._eval_due(step):
+                pass1 = self._evaluate_primary(pool, logger, step)
+                if tcfg.select_best:
+                    self._select(step, pass1)
             if step % tcfg.save_every == 0 or self._stop:
                 self.checkpoint()
                 saved_step = step
         bar.close()
         return saved_step
+
+    def _eval_due(self, step: int) -> bool:
+        """Whether the primary mode is evaluated after `step`: every `eval_every` steps, except after the last,
+        which the after-evaluation covers, unless the last weights compete for selection (trainer.select_best)."""
+        tcfg = self.cfg.trainer
+        if not (tcfg.eval_modes and tcfg.eval_every):
+            return False
+        if step == tcfg.max_steps:
+            return tcfg.select_best
+        return step % tcfg.eval_every == 0
+
+    def _evaluate_primary(
+        self, pool: RewardPool, logger: MetricsLogger | NullLogger, step: int
+    ) -> float | None:
+        """The primary mode's pass@1 at `step`, logged (main process; None elsewhere). Collective."""
+        primary = self.cfg.trainer.eval_primary
+        with self.parallel.generation_view() as policy:
+            if not self.main:
+                return None
+            evals = self.evaluator.evaluate(policy, [primary], pool, f"step {step}")
+        logger.log(evals[primary].flat(f"eval/{primary}"), step=step)
+        return evals[primary].pass_at[1]
+
+    # ---------------------------------------------------------------- model selection (trainer.select_best)
+    def _select(self, step: int, pass1: float | None) -> None:
+        """The policy of `step` becomes best/ when its primary pass@1 (`pass1`, measured on the main process,
+        None elsewhere) is strictly above every earlier candidate's. Collective."""
+        pass1 = self.parallel.all_sum(pass1 if self.main else 0.0)  # every process decides alike
+        if self.best is not None and pass1 <= self.best.pass1:
+            return
+        self.best = Selection(step, pass1, self.cfg.trainer.eval_primary)
+        best, tmp, old = (self.out / name for name in (BEST_DIR, f"{BEST_DIR}.tmp", f"{BEST_DIR}.old"))
+        if self.main and tmp.exists():  # an interrupted earlier write
+            shutil.rmtree(tmp)
+        self.parallel.barrier()
+        self.parallel.save_model(tmp, self.tokenizer, self.profile(step))
+        if self.main:
+            self.best.save(tmp)
+            # two renames: an interruption never leaves a best/ that mixes two steps' files
+            if best.exists():
+                os.replace(best, old)
+            os.replace(tmp, best)
+            shutil.rmtree(old, ignore_errors=True)
+            print(
+                f"[softgrpo] step {step}: {self.best.by} pass@1 {pass1:.3f}, the best so far, in {best}",
+                flush=True,
+            )
+        self.parallel.barrier()
+
+    def _load_best(self) -> None:
+        """Load best/'s whole weights into the policy the strategy generates with and saves from (`saveable()`,
+        made current by `whole_state`: under zero3 that is the whole generation copy). Collective; every process
+        reads best/. This mirrors `save_model` and belongs beside it in rl/parallel.py."""
+        from safetensors.torch import load_file
+
+        path = self.out / BEST_DIR
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(shard))
+        if not weights:
+            raise FileNotFoundError(f"{path} has no *.safetensors: the selected policy is missing")
+        self.parallel.whole_state(with_optimizer=False)
+        model = self.parallel.saveable()
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        check_model_keys(path, model, missing, unexpected)
+        load_full_state_dicts(model, None, {k: v for k, v in weights.items() if k in expected}, None)
 
     def _exit_on_sigterm(self, saved_step: int | None) -> None:
         # a step under way when the signal came finished and was checkpointed in the loop

@@ -7,13 +7,15 @@ One rollout, following DESIGN.md section 1:
    prompt is encoded once per group, not once per sample.
 2. Every decode step reads the logits of the last position and, for every row at once, computes both the CoT
    action (`rollouts.modes`, chosen once by mode) and an answer-side token; each row then feeds one vector,
-   picked by its phase with `torch.where`: think -> h_t (hard: E[c_t]); delimiter -> E[forced delimiter token];
+   picked by its phase with `torch.where`: think -> h_t (hard: E[c_t]); forced -> E[forced token];
    answer -> E[sampled token]; done -> E[pad] (ignored). So the step is a function of fixed-shape tensors: phase,
    lengths and flags live in [N] tensors, there is no per-row Python loop and no host sync inside the step.
-3. Thinking ends per `rollouts.stopping`. The ending step feeds the first delimiter token instead of a CoT input,
-   the rest of the delimiter follows as forced hard tokens (recorded at the start of `answer_ids`, not actions,
-   log-prob 0), then answer tokens are sampled at `answer_temperature` / `answer_top_p` until EOS (kept, an
-   action) or `max_answer_tokens` sampled tokens.
+3. Thinking ends per `rollouts.stopping` (a think-end delimiter on the id stream, or a phrase on its decoded
+   text; the model's EOS; an entropy cold stop; the cap). The ending step feeds the first of the reason's forced
+   tokens (`StopSpec.forced`: the delimiter, and / or the answer prefill) instead of a CoT input, the rest
+   follow as forced hard tokens (recorded at the start of `answer_ids`, not actions, log-prob 0), then answer
+   tokens are sampled at `answer_temperature` / `answer_top_p` until EOS (kept, an action) or
+   `max_answer_tokens` sampled tokens.
 4. Multi-token delimiter: its first D-1 tokens were already fed as CoT steps when the match is seen. They are
    removed from the CoT (so `answer_ids` always begins with the full delimiter and the learner's sequence
    prompt ++ CoT ++ answer is exactly what the cache saw): their KV-cache columns get attention mask 0 and the
@@ -43,7 +45,7 @@ from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy
 from rollouts.modes import CotActionFn, answer_log_probs, cot_action_fn, sample_ids
 from rollouts.record import Rollouts
-from rollouts.stopping import NOT_ENDED, REASON, ThinkEndDetector
+from rollouts.stopping import NOT_ENDED, REASON, StopSpec, ThinkEndDetector
 
 __all__ = ["generate", "input_embedding_matrix"]
 
@@ -86,7 +88,7 @@ class DecodeState:
         torch.Tensor
     )  # [N, P + S] int64, grows one column per step; 0 on pads and rolled-back steps
     cot_len: torch.Tensor  # [N] int64
-    delim_idx: torch.Tensor  # [N] int64, next delimiter token to force
+    delim_idx: torch.Tensor  # [N] int64, next forced token (of the row's think-end reason) to feed
     answer_len: torch.Tensor  # [N] int64, answer tokens written (delimiter included)
     sampled: torch.Tensor  # [N] int64, answer tokens sampled (the max_answer_tokens budget)
     think_end: torch.Tensor  # [N] int64, index into THINK_END_REASONS
@@ -177,20 +179,22 @@ class _Stepper:
         cfg: CotConfig,
         action: CotActionFn,
         embedding: torch.Tensor,
-        delimiter: torch.Tensor,
+        stop: StopSpec,
         detector: ThinkEndDetector,
         eos_id: int,
         pad_id: int,
         generator: torch.Generator,
         prompt_width: int,
     ):
-        self.cfg, self.action, self.embedding, self.delimiter = cfg, action, embedding, delimiter
+        self.cfg, self.action, self.embedding = cfg, action, embedding
+        self.d_len = len(stop.delimiter)  # ids rule: the delimiter rolled back on a multi-token match
+        self.forced, self.forced_len = stop.forced_table(pad_id, embedding.device)  # [R, F], [R]
         self.detector, self.eos_id, self.pad_id, self.generator = detector, eos_id, pad_id, generator
         self.prompt_width = prompt_width
         self.answer_generator = None if cfg.answer_temperature == 0 else generator
 
     def __call__(self, st: DecodeState, logits: torch.Tensor, step: int) -> torch.Tensor:
-        d_len = self.delimiter.numel()
+        d_len = self.d_len
         # --- CoT side: p_t, its entropy and top-1, and the mode's action, for every row
         log_p = cot_log_probs(logits, self.cfg)  # [N, V] float32
         step_entropy = entropy(log_p)  # [N]
@@ -210,7 +214,8 @@ class _Stepper:
             st.cot_len -= drop.long() * (d_len - 1)
             st.next_pos -= drop.long() * (d_len - 1)
         st.think_end = torch.where(ending, reason, st.think_end)
-        st.phase = torch.where(ending, DELIMITER, st.phase)
+        nothing_forced = self.forced_len[reason.clamp(min=0)] == 0  # e.g. a phrase stop with no prefill
+        st.phase = torch.where(ending, torch.where(nothing_forced, ANSWER, DELIMITER), st.phase)
         thinking = st.phase == THINK
 
         if st.cot_inputs is not None:
@@ -222,12 +227,12 @@ class _Stepper:
         st.cot_len += thinking.long()
         self.detector.record(act.ids, step_entropy, thinking)
 
-        # --- token side: forced delimiter token or sampled answer token
+        # --- token side: forced token (of the row's think-end reason) or sampled answer token
         ans_log_p = answer_log_probs(logits, self.cfg)  # [N, V]
         ans_tok = sample_ids(ans_log_p, self.answer_generator)  # [N]
         in_delim = st.phase == DELIMITER
         in_answer = st.phase == ANSWER
-        delim_tok = self.delimiter[st.delim_idx.clamp(max=d_len - 1)]  # [N]
+        delim_tok = self.forced[st.think_end, st.delim_idx.clamp(max=self.forced.shape[1] - 1)]  # [N]
         tok = torch.where(in_delim, delim_tok, torch.where(in_answer, ans_tok, self.pad_id))  # [N]
         tok_lp = torch.where(in_answer, ans_log_p.gather(-1, tok[:, None]).squeeze(-1), 0.0)  # [N]
         writing = in_delim | in_answer
@@ -238,7 +243,7 @@ class _Stepper:
         st.delim_idx += in_delim.long()
         st.sampled += in_answer.long()
         finished = in_answer & ((tok == self.eos_id) | (st.sampled >= self.cfg.max_answer_tokens))
-        st.phase = torch.where(in_delim & (st.delim_idx >= d_len), ANSWER, st.phase)
+        st.phase = torch.where(in_delim & (st.delim_idx >= self.forced_len[st.think_end]), ANSWER, st.phase)
         st.phase = torch.where(finished, DONE, st.phase)
 
         return torch.where(thinking[:, None], act.inputs, self.embedding[tok])  # [N, d]
@@ -252,7 +257,7 @@ def generate(
     *,
     group_size: int,
     sigma: float,
-    think_end_ids: tuple[int, ...],
+    stop: StopSpec,
     eos_id: int,
     pad_id: int,
     generator: torch.Generator,
@@ -262,7 +267,8 @@ def generate(
     """Roll out G = `group_size` samples of every prompt (see the module docstring).
 
     `sigma` is the noise std σ, computed once by the caller with `noise_sigma(input_embedding_matrix(model), cfg)`
-    from the starting embeddings (0 for hard or noiseless modes). `generator` must live on the model's device. When `tokenizer` is
+    from the starting embeddings (0 for hard or noiseless modes). `stop` is the think-end rule and what is forced
+    after it (`StopSpec.from_tokenizer`). `generator` must live on the model's device. When `tokenizer` is
     given, `answer_texts` holds the decoded sampled answer tokens (delimiter excluded, special tokens skipped).
     The record carries `cfg`'s mode, τ and filters (top_k / top_p / min_p, answer_top_p) and σ: the learner
     scores it only under the same ones.
@@ -274,24 +280,24 @@ def generate(
     device = model.device
     embedding = input_embedding_matrix(model)  # [V, d] model dtype
     emb32 = embedding.float()  # [V, d] float32 (the same tensor when the model is float32)
-    delimiter = torch.tensor(think_end_ids, dtype=torch.long, device=device)  # [D]
 
     unique_prompts, unique_mask = _left_pad(prompt_ids, pad_id, device)  # [B, P]
     prompts = unique_prompts.repeat_interleave(group_size, dim=0)  # [N, P]
     prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)  # [N, P]
     n, width = prompts.shape
-    t_max, d_len, a_max = cfg.max_think_tokens, len(think_end_ids), cfg.max_answer_tokens
-    steps = t_max + d_len + a_max  # worst case: T CoT inputs, D delimiter tokens, A answer tokens
+    t_max, a_max = cfg.max_think_tokens, cfg.max_answer_tokens
+    f_max = max(len(f) for f in stop.forced.values())
+    steps = t_max + f_max + a_max  # worst case: T CoT inputs, F forced tokens, A answer tokens
 
     st = DecodeState.empty(
-        prompt_mask, steps, t_max, d_len + a_max, emb32.shape[1] if cfg.continuous else None
+        prompt_mask, steps, t_max, f_max + a_max, emb32.shape[1] if cfg.continuous else None
     )
     stepper = _Stepper(
         cfg,
         cot_action_fn(cfg, sigma),
         emb32,
-        delimiter,
-        ThinkEndDetector(cfg, delimiter, n),
+        stop,
+        ThinkEndDetector(cfg, stop, eos_id, n, emb32.shape[0], device),
         eos_id,
         pad_id,
         generator,

@@ -21,10 +21,12 @@ SAMPLING_FIELDS = ("top_k", "top_p", "min_p", "answer_top_p")
 distribution p_t = softmax(filter(z) / τ) and the answer tokens' nucleus. Every behaviour log-prob was computed
 under them, so the learner refuses to score the rollouts under other ones (rl.logprobs.sequence_log_probs)."""
 
-THINK_END_REASONS = ("token", "delimiter", "entropy", "max_tokens")
-"""Why thinking ended, indexed by `Rollouts.think_end`:
+THINK_END_REASONS = ("token", "delimiter", "entropy", "max_tokens", "eos", "phrase")
+"""Why thinking ended, indexed by `Rollouts.think_end` (rollouts/stopping.py):
 token = the top-1 token was the think-end token (hard mode: the sampled token was);
-delimiter = the top-1 stream ended with a multi-token think-end string; entropy = cold stop; max_tokens = T cap."""
+delimiter = the top-1 stream ended with a multi-token think-end string; entropy = cold stop; max_tokens = T cap;
+eos = the top-1 token was the model's end-of-sequence token; phrase = the decoded top-1 stream contains the
+think-end phrase (the text rule)."""
 
 
 @dataclass

@@ -1,5 +1,8 @@
-"""Soft-trace view of one rollout: for every CoT step, the top-k tokens of p_t with their probabilities and the
-entropy H(p_t), as a plain-text table or a self-contained HTML page (inline CSS, no scripts, no external assets).
+"""Soft-trace view of rollouts: for every CoT step, the top-k tokens of p_t with their probabilities and the
+entropy H(p_t), as a plain-text table (`trace_table`), a one-table HTML page (`trace_html`), or a page of whole
+samples (`trace_page`: per sample its prompt, CoT steps, answer, reward and think-end reason), which
+scripts/evaluate.py writes as trace.html. Every page is self-contained: inline CSS, no scripts, no external
+assets, all token text HTML-escaped (`</think>` shows as text).
 
 The top-k are recomputed by teacher-forcing the sample's stored CoT inputs through the model
 (`rollouts.replay`): the engine stays lean (no [N, T, k] buffers on the hot path) and the view shows exactly what
@@ -9,6 +12,7 @@ the learner will see for the same record.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,20 @@ class TraceStep:
     entropy: float  # nats
 
 
+@dataclass
+class TracedSample:
+    """One sample as `trace_page` shows it: where it came from, its CoT steps, its answer and how it was judged."""
+
+    title: str  # e.g. the problem's uid
+    prompt_ids: list[int]
+    steps: list[TraceStep]  # one per CoT step (`trace_steps`)
+    answer_ids: list[int]  # every answer token, the think-end delimiter and eos included
+    think_end: str  # why thinking ended, one of rollouts.record.THINK_END_REASONS
+    reward: float | None  # None: the reward could not judge the completion
+    status: str  # the reward's verdict (rewards.STATUSES)
+    gold: list[str]  # every acceptable final answer
+
+
 def trace_steps(model: PreTrainedModel, sample: Rollout, cfg: CotConfig, k: int = 5) -> list[TraceStep]:
     """Top-k of p_t and H(p_t) for every CoT step of `sample` (teacher-forced; see the module docstring)."""
     log_p = replay(model, sample, cfg).cot_log_probs  # [T, V]
@@ -49,12 +67,43 @@ def trace_steps(model: PreTrainedModel, sample: Rollout, cfg: CotConfig, k: int 
     ]
 
 
+def trace_sample(
+    model: PreTrainedModel,
+    sample: Rollout,
+    cfg: CotConfig,
+    *,
+    title: str,
+    reward: float | None,
+    status: str,
+    gold: Sequence[str],
+    k: int = 5,
+) -> TracedSample:
+    """`sample` with its replayed CoT steps (`trace_steps`) and the reward's verdict on it, for `trace_page`."""
+    return TracedSample(
+        title=title,
+        prompt_ids=list(sample.prompt_ids),
+        steps=trace_steps(model, sample, cfg, k),
+        answer_ids=list(sample.answer_ids),
+        think_end=sample.think_end,
+        reward=reward,
+        status=status,
+        gold=list(gold),
+    )
+
+
 def _token(tokenizer, token_id: int) -> str:
     """Readable text of one id: the decoded token with whitespace made visible, or `#id` without a tokenizer."""
     if tokenizer is None:
         return f"#{token_id}"
     text = tokenizer.decode([token_id])
     return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or f"#{token_id}"
+
+
+def _text(tokenizer, ids: list[int]) -> str:
+    """Readable text of a sequence, special tokens kept (they are part of what the model saw or wrote)."""
+    if tokenizer is None:
+        return " ".join(f"#{i}" for i in ids)
+    return tokenizer.decode(ids)
 
 
 def trace_table(steps: list[TraceStep], tokenizer=None, *, header: str = "") -> str:
@@ -77,29 +126,78 @@ th { background: #f3f3f3; }
 td.tok { white-space: pre; }
 span.p { color: #666; font-size: 0.85em; }
 td.chosen { font-weight: bold; }
+td.top1 { font-weight: bold; outline: 2px solid #1f4e79; outline-offset: -2px; }
+td.picked { text-decoration: underline; }
+section.problem { border-top: 2px solid #999; margin-top: 2em; }
+pre { white-space: pre-wrap; background: #f7f7f7; padding: 0.5em; }
+.ok { color: #1a7f37; }
+.bad { color: #b42318; }
 """
 
 
-def trace_html(steps: list[TraceStep], tokenizer=None, *, title: str = "soft trace") -> str:
-    """A self-contained HTML page: one row per CoT step, each top-k cell shaded by its probability."""
+def _steps_table(steps: list[TraceStep], tokenizer) -> str:
+    """One row per CoT step: step, H (nats), chosen token, then the top-k cells, each shaded by its probability.
+    The top-1 cell is outlined (`top1`); a chosen token ranked below it (hard sampling) is underlined (`picked`)."""
     k = max((len(s.top_ids) for s in steps), default=0)
     head = "".join(f"<th>#{j + 1}</th>" for j in range(k))
     rows = []
     for s in steps:
         cells = []
-        for i, p in zip(s.top_ids, s.top_probs, strict=True):
-            shade = f"background: rgba(70, 130, 180, {p:.3f});"
+        for rank, (i, p) in enumerate(zip(s.top_ids, s.top_probs, strict=True)):
+            classes = "tok" + (" top1" if rank == 0 else " picked" if i == s.chosen_id else "")
+            shade = f"background: rgba(70, 130, 180, {0.6 * p:.3f});"  # light enough to read
             cells.append(
-                f'<td class="tok" style="{shade}">{html.escape(_token(tokenizer, i))} <span class="p">{p:.3f}</span></td>'
+                f'<td class="{classes}" style="{shade}">{html.escape(_token(tokenizer, i))} '
+                f'<span class="p">{p:.3f}</span></td>'
             )
         rows.append(
             f"<tr><td>{s.step}</td><td>{s.entropy:.3f}</td>"
             f'<td class="tok chosen">{html.escape(_token(tokenizer, s.chosen_id))}</td>{"".join(cells)}</tr>'
         )
     return (
-        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n"
-        f"<table><tr><th>step</th><th>H (nats)</th><th>chosen</th>{head}</tr>\n"
+        f'<table class="steps"><tr><th>step</th><th>H (nats)</th><th>chosen</th>{head}</tr>\n'
         + "\n".join(rows)
-        + "\n</table></body></html>\n"
+        + "\n</table>"
     )
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def trace_html(steps: list[TraceStep], tokenizer=None, *, title: str = "soft trace") -> str:
+    """A self-contained HTML page holding one sample's CoT table (`_steps_table`)."""
+    return _page(title, _steps_table(steps, tokenizer))
+
+
+def _verdict(s: TracedSample) -> str:
+    reward = "none (cannot judge)" if s.reward is None else f"{s.reward:g}"
+    mood = "ok" if s.reward is not None and s.reward > 0 else "bad"
+    gold = " | ".join(s.gold)
+    parts = [
+        f'<span class="{mood}">reward {html.escape(reward)}</span>',
+        f"<span>status {html.escape(s.status)}</span>",
+        f"<span>think end: {html.escape(s.think_end)}</span>",
+        f"<span>CoT steps: {len(s.steps)}</span>",
+        f"<span>gold: {html.escape(gold)}</span>",
+    ]
+    return f'<p class="verdict">{" · ".join(parts)}</p>'
+
+
+def trace_page(
+    samples: list[TracedSample], tokenizer=None, *, title: str = "soft trace", note: str = ""
+) -> str:
+    """A self-contained HTML page with one `<section class="problem">` per sample: its title, the verdict (reward,
+    status, think-end reason), the prompt, the CoT table (`_steps_table`: one row per step) and the answer."""
+    sections = [
+        f'<section class="problem"><h2>{j}. {html.escape(s.title)}</h2>\n{_verdict(s)}\n'
+        f'<h3>prompt</h3><pre class="prompt">{html.escape(_text(tokenizer, s.prompt_ids))}</pre>\n'
+        f"<h3>CoT</h3>\n{_steps_table(s.steps, tokenizer)}\n"
+        f'<h3>answer</h3><pre class="answer">{html.escape(_text(tokenizer, s.answer_ids))}</pre></section>'
+        for j, s in enumerate(samples)
+    ]
+    intro = f'<p class="note">{html.escape(note)}</p>\n' if note else ""
+    return _page(title, intro + "\n".join(sections))

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwe
 from rollouts.config import CotConfig
 from rollouts.distributions import noise_sigma
 from rollouts.engine import generate, input_embedding_matrix
+from rollouts.stopping import StopSpec
 
 PRESETS = {
     # a small Llama that makes CPU timing meaningful in seconds
@@ -126,7 +127,7 @@ def main() -> None:
                 cfg,
                 group_size=1,
                 sigma=sigma,
-                think_end_ids=delimiter,
+                stop=StopSpec.on_ids(delimiter),
                 eos_id=-1,
                 pad_id=0,
                 generator=gen,

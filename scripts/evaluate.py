@@ -6,24 +6,31 @@
 Writes OUT/samples.jsonl (one row per problem, each sample with its per-step CoT entropy), OUT/summary.json
 (pass@1, pass@k for every power of two k <= n, lengths, think-end reasons, timings, and the CoT entropy
 profile: `cot_entropy_by_position`, the mean H(p_t) in nats at each CoT index over the samples that reached it,
-with `samples_at_position`), OUT/config.yaml, OUT/passk.png and OUT/entropy.png (the profile).
+with `samples_at_position`), OUT/config.yaml, OUT/passk.png and OUT/entropy.png (the profile), and
+OUT/trace.html: the first `trace_problems` problems (default 4; 0 = off) step by step, each CoT step with its
+top-k tokens, their probabilities and H(p_t), then the answer, the reward and why thinking ended
+(rollouts/trace.py).
 """
 
 import json
+from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from rewards import RewardPool
 from rl.config import RECIPES_DIR, EvaluateConfig, prepare_model, register_configs, to_object
-from rl.data import load_problems, require_problems
-from rl.evaluation import evaluate_mode, write_outputs
+from rl.data import Problem, load_problems, require_problems
+from rl.evaluation import evaluate_mode, special_ids, write_outputs
 from rl.model import load_policy, read_profile
+from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
-from rollouts.engine import input_embedding_matrix
+from rollouts.engine import generate, input_embedding_matrix
+from rollouts.trace import TracedSample, trace_page, trace_sample
 
 register_configs()
 
@@ -56,7 +63,10 @@ def main(raw) -> None:
             seed=cfg.seed,
             batch_size=cfg.batch_size,
         )
+        traced = trace_first(model, tokenizer, problems[: cfg.trace_problems], cfg, sigma, pool)
     out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw, resolve=True))
+    if traced:
+        write_trace(out / "trace.html", traced, tokenizer, cfg, sigma)
     print(
         json.dumps(
             {
@@ -65,6 +75,47 @@ def main(raw) -> None:
                 **{f"pass@{k}": v for k, v in summary.pass_at.items()},
             }
         )
+    )
+
+
+def trace_first(
+    model, tokenizer, problems: list[Problem], cfg: EvaluateConfig, sigma: float, pool: RewardPool
+) -> list[TracedSample]:
+    """One sample of each of `problems` for trace.html, drawn anew in the evaluated mode from the evaluation's
+    seed and scored by the same reward, with its per-step top-k replayed (rollouts/trace.py). evaluate_mode
+    keeps no Rollout records (a soft sample's CoT vectors are not in samples.jsonl), hence the fresh draw: in a
+    deterministic mode it is the evaluated sample (up to batch numerics), in a sampled mode one more draw."""
+    if not problems:
+        return []
+    prompt_ids = encode_prompts(tokenizer, [p.question for p in problems], cfg.model.prompt)
+    stop, eos_id, pad_id = special_ids(tokenizer, cfg.model.prompt)
+    rollouts = generate(
+        model,
+        prompt_ids,
+        cfg.infer,
+        group_size=1,
+        sigma=sigma,
+        stop=stop,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        generator=torch.Generator(device=model.device).manual_seed(cfg.seed),
+        tokenizer=tokenizer,
+    )
+    results = pool.score(rollouts.completion_texts(tokenizer), [p.answers for p in problems])
+    return [
+        trace_sample(model, s, cfg.infer, title=p.uid, reward=r.reward, status=r.status, gold=p.answers)
+        for p, s, r in zip(problems, rollouts.samples(tokenizer), results, strict=True)
+    ]
+
+
+def write_trace(path: Path, traced: list[TracedSample], tokenizer, cfg: EvaluateConfig, sigma: float) -> None:
+    note = (
+        f"model {cfg.model.path}, mode {cfg.infer.name} (sigma={sigma:.4g}, seed {cfg.seed}): one sample of each of "
+        f"the first {len(traced)} problems, drawn for this page (see scripts/evaluate.py trace_first). Top-1 "
+        "outlined; cells shaded by probability; H in nats."
+    )
+    path.write_text(
+        trace_page(traced, tokenizer, title=f"soft trace: {cfg.infer.name}", note=note), encoding="utf-8"
     )
 
 

@@ -8,10 +8,13 @@
 
 Writes output_dir/metrics.jsonl (every step), checkpoints, summary.json (eval_before / eval_after for every
 inference mode in trainer.eval_modes), passk.png, curves.png (training curves) and the final policy in output_dir/final.
+With trainer.select_best=true the policy evaluated after training and saved in final/ is the one with the best
+periodic eval_primary pass@1 (kept in output_dir/best/ as the run goes; summary.json's `selected` names its step).
 
 The composition root: config → parts (`build_trainer`) → the loop (`Trainer.run`, which saves as it goes).
 """
 
+import dataclasses
 import json
 
 import _bootstrap  # noqa: F401
@@ -50,9 +53,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     modes = {}
     if tcfg.eval_modes:
         require_problems(eval_problems, data, data.eval_split)
-        # the primary first; each recipe in recipes/infer/ takes the training CoT's limits and filter
+        # the primary first; each recipe in recipes/infer/ takes the training CoT's limits and filter, except that
+        # evaluation may think longer than training does (trainer.eval_max_think_tokens; 0 = the training cap)
+        think = tcfg.eval_max_think_tokens or cfg.cot.max_think_tokens
+        eval_cot = dataclasses.replace(cfg.cot, max_think_tokens=think)
         modes = {
-            name: load_infer_recipe(name, cfg.cot)
+            name: load_infer_recipe(name, eval_cot)
             for name in dict.fromkeys([tcfg.eval_primary, *tcfg.eval_modes])
         }
     seed_everything(tcfg.seed)
@@ -88,6 +94,8 @@ def main(raw) -> None:
                     "heldout_pass@1_before": before["pass@1"],
                     "heldout_pass@1_after": after["pass@1"],
                     "lift_pass@1": after.get(primary, {}).get("lift_pass@1") if primary else None,
+                    # trainer.select_best: the step whose policy was evaluated after training
+                    "selected": summary.get("selected"),
                     "before": before["pass@k"],
                     "after": after["pass@k"],
                 }

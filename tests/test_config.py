@@ -19,6 +19,8 @@ from rl.tiny_base import TinyBaseConfig
 PRIMARIES = {"evaluate": EvaluateConfig, "tiny_base": TinyBaseConfig, "train": TrainConfig}
 # Folders that hold files for other tools (accelerate launch configs), not Hydra groups.
 NOT_HYDRA = {"accelerate"}
+# Groups that model recipes pull in through their own defaults list (`- /prompt@prompt: paper`), not a primary.
+NESTED = {"prompt"}
 
 
 def _groups_of(primary: str) -> set[str]:
@@ -50,6 +52,18 @@ def test_every_primary_config_composes() -> None:
 @pytest.mark.parametrize(("group", "option"), _group_files())
 def test_every_group_recipe_validates(group: str, option: str) -> None:
     register_configs()
+    if group in NESTED:  # validated through every model recipe that uses it, in every primary with a model
+        users = [p.stem for p in (RECIPES_DIR / "model").glob("*.yaml") if f"/{group}@" in p.read_text()
+                 and f": {option}" in p.read_text()]  # fmt: skip
+        assert users, f"recipes/{group}/{option}.yaml is used by no model recipe"
+        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+            for primary in ("train", "evaluate"):
+                for model in users:
+                    cfg = compose(config_name=primary, overrides=[f"model={model}"])
+                    to_object(cfg, PRIMARIES[primary])
+                    assert cfg.model[group] == OmegaConf.merge(cfg.model[group], OmegaConf.load(
+                        RECIPES_DIR / group / f"{option}.yaml"))  # fmt: skip
+        return
     hosts = [p for p in PRIMARIES if group in _groups_of(p)]
     assert hosts, f"recipes/{group}/{option}.yaml is used by no primary config in {sorted(PRIMARIES)}"
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
@@ -62,15 +76,22 @@ def test_per_model_experiment_defaults_match_a_model_and_validate() -> None:
     """recipes/experiment/<m>.yaml is applied by train.yaml when model=<m>: each must name a real model recipe
     and compose (the model-group test above composes train with each model, so each experiment file too)."""
     models = {p.stem for p in (RECIPES_DIR / "model").glob("*.yaml")}
-    experiments = {p.stem for p in (RECIPES_DIR / "experiment").glob("*.yaml")}
+    experiments = {p.stem for p in (RECIPES_DIR / "experiment").glob("*.yaml")} - {"paper"}  # any model's
     assert experiments <= models, f"experiment recipes without a model recipe: {sorted(experiments - models)}"
     register_configs()
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
         tiny = to_object(compose(config_name="train"), TrainConfig)
         big = to_object(compose(config_name="train", overrides=["model=qwen2.5-3b"]), TrainConfig)
-    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 5e-5
-    assert tiny.rl.optim.lr == 5.0e-5 and big.rl.optim.lr == 1.0e-6
-    assert big.cot.max_think_tokens == 512 and tiny.cot.max_think_tokens == 48
+        paper_on_tiny = to_object(compose(config_name="train", overrides=["experiment=paper"]), TrainConfig)
+    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 5e-5, the
+    # Qwen2.5-3B one the paper's 8e-6 on top of the paper protocol (CoT cap 128 in training, 512 in evaluation)
+    assert tiny.rl.optim.lr == 5.0e-5 and big.rl.optim.lr == 8.0e-6
+    assert big.cot.max_think_tokens == 128 and big.trainer.eval_max_think_tokens == 512
+    assert tiny.cot.max_think_tokens == 48
+    assert (big.rl.group_size, big.trainer.prompts_per_step, big.reward.scheme) == (32, 2, "paper")
+    assert big.model.prompt.stop_on == "text" and big.reward.think_end == "The final answer is:"
+    # experiment=paper on any model: the protocol with the 3B Llama's lr; the prompt stays the model's
+    assert paper_on_tiny.rl.optim.lr == 6.0e-6 and paper_on_tiny.model.prompt.stop_on == "ids"
 
 
 def test_infer_recipes_inherit_training_lengths() -> None:

@@ -24,6 +24,7 @@ from rollouts.engine import generate, input_embedding_matrix
 from rollouts.modes import answer_log_probs
 from rollouts.record import Rollouts, concat_rollouts
 from rollouts.replay import replay
+from rollouts.stopping import StopSpec
 from tests.arch import tiny_causal_lm
 
 VOCAB = 37
@@ -555,7 +556,7 @@ def engine_rollouts(
         cot,
         group_size=4,
         sigma=noise_sigma(input_embedding_matrix(model), cot),
-        think_end_ids=NEVER_ENDS,
+        stop=StopSpec.on_ids(NEVER_ENDS),
         eos_id=EOS,
         pad_id=PAD,
         generator=torch.Generator().manual_seed(seed),

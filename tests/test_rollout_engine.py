@@ -21,6 +21,7 @@ from rollouts.engine import generate, input_embedding_matrix
 from rollouts.modes import answer_log_probs, continuous_action
 from rollouts.record import Rollouts
 from rollouts.replay import replay
+from rollouts.stopping import StopSpec, phrase_table
 from tests.arch import ARCH_IDS, ARCHS, EXTRA_ARCHS, one_thread, tiny_causal_lm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +43,7 @@ def run(
     group_size=1,
     seed=0,
     think_end_ids=(THINK_END,),
+    stop: StopSpec | None = None,
     eos_id=EOS,
     sigma: float | None = None,
 ) -> Rollouts:
@@ -53,7 +55,7 @@ def run(
         cfg,
         group_size=group_size,
         sigma=sigma,
-        think_end_ids=think_end_ids,
+        stop=stop or StopSpec.on_ids(think_end_ids),
         eos_id=eos_id,
         pad_id=PAD,
         generator=torch.Generator().manual_seed(seed),
@@ -245,7 +247,8 @@ def test_engine_noise_std_and_independence() -> None:
     cfg = CotConfig(mode="soft", temperature=0.5, noise_scale=0.33, max_think_tokens=32, max_answer_tokens=1)
     sigma = noise_sigma(model.get_input_embeddings().weight, cfg)
     assert sigma == pytest.approx(0.33 * embedding_rms(model.get_input_embeddings().weight))
-    r = run(model, cfg, PROMPTS[:2], group_size=8, think_end_ids=(95, 95, 95))  # a delimiter that never comes
+    # a delimiter that never comes, and an EOS the random model's top-1 never is: every CoT runs to its cap
+    r = run(model, cfg, PROMPTS[:2], group_size=8, think_end_ids=(95, 95, 95), eos_id=10_000)
     noise = torch.cat([s.cot_inputs - replay(model, s, cfg).cot_means for s in r.samples()])  # [ΣT, d]
     assert noise.shape[0] == 16 * 32
     assert abs(noise.std().item() / sigma - 1) < 0.03, noise.std().item() / sigma
@@ -407,6 +410,68 @@ def test_think_end_by_max_tokens(max_think: int) -> None:
     assert r.answer_ids[:, :3].tolist() == [[95, 95, 95]] * 3 and not r.answer_action_mask[:, :3].any()
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_think_end_by_eos(mode: str) -> None:
+    # EOS as the stream token of step k ends thinking there, like a think-end token: no CoT input for step k (the
+    # model would otherwise be fed its own end of turn and go on), the delimiter forced, the answer after it
+    model = model_for("llama", True)
+    cfg = greedy(mode, max_think_tokens=16)
+    stream = _free_run(model, cfg, PROMPTS[:1]).samples()[0].cot_top1_ids
+    k = _first_new(stream, 3)
+    r = run(model, cfg, PROMPTS[:1], think_end_ids=(95, 95, 95), eos_id=stream[k])
+    (s,) = r.samples()
+    assert s.think_end == "eos"
+    assert s.cot_top1_ids == stream[:k]
+    assert s.answer_ids[:3] == [95, 95, 95] and s.answer_logprobs[:3] == [0.0] * 3
+    assert_replay_consistent(model, r, cfg)
+
+
+TEXTS = [f"t{i};" for i in range(96)]  # a made-up text for every token of the random models' vocabulary
+PREFILL, CAPPED = (40, 41), (50, 51, 40, 41)
+
+
+def _text_stop(phrase: str, prefill: tuple[int, ...] = PREFILL) -> StopSpec:
+    return StopSpec.on_text(phrase_table(phrase, TEXTS), CAPPED, prefill)
+
+
+@pytest.mark.parametrize("arch,tied", [ARCHS[0], ARCHS[3]], ids=[ARCH_IDS[0], ARCH_IDS[3]])
+@pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
+def test_think_end_by_phrase_on_the_decoded_stream(arch: str, tied: bool, mode: str) -> None:
+    # the phrase starts inside the text of stream token k-1 and ends inside that of token k (a phrase merged with
+    # the characters around it, as BPE merges "is:" with what follows). The first k whose decoded prefix holds it
+    # is found by plain string search; the CoT keeps token k (the phrase is part of the CoT), then the prefill is
+    # forced and the answer follows, and the replay agrees with every stored log-prob.
+    model = model_for(arch, tied)
+    cfg = greedy(mode, max_think_tokens=16)
+    stream = _free_run(model, cfg, PROMPTS[:1]).samples()[0].cot_top1_ids
+    pairs = list(zip(stream, stream[1:], strict=False))
+    j = _first_new(pairs, 2)
+    phrase = TEXTS[stream[j]][1:] + TEXTS[stream[j + 1]][:2]
+    k = next(k for k in range(len(stream)) if phrase in "".join(TEXTS[t] for t in stream[: k + 1]))
+    r = run(model, cfg, PROMPTS[:1], stop=_text_stop(phrase), eos_id=95)
+    (s,) = r.samples()
+    assert s.think_end == "phrase"
+    assert s.cot_top1_ids == stream[: k + 1]
+    assert tuple(s.answer_ids[:2]) == PREFILL and s.answer_logprobs[:2] == [0.0, 0.0]
+    assert not r.answer_action_mask[0, :2].any() and r.answer_action_mask[0, 2]
+    assert_replay_consistent(model, r, cfg)
+
+
+def test_text_rule_at_the_cap_forces_phrase_and_prefill_and_without_prefill_answers_at_once() -> None:
+    model = model_for("qwen2", False)
+    cfg = greedy("soft", max_think_tokens=6)
+    r = run(model, cfg, stop=_text_stop("never said"), eos_id=95)  # no token text holds a space
+    assert r.think_end.tolist() == [3] * 3 and r.cot_lengths.tolist() == [6] * 3  # max_tokens
+    assert r.answer_ids[:, :4].tolist() == [list(CAPPED)] * 3 and not r.answer_action_mask[:, :4].any()
+    assert_replay_consistent(model, r, cfg)
+    stream = r.samples()[0].cot_top1_ids
+    bare = run(model, cfg, PROMPTS[:1], stop=_text_stop(TEXTS[stream[2]], prefill=()), eos_id=95)
+    (s,) = bare.samples()
+    k = next(k for k in range(6) if TEXTS[stream[2]] in "".join(TEXTS[t] for t in stream[: k + 1]))
+    assert s.think_end == "phrase" and len(s.cot_ids) == k + 1
+    assert bare.answer_action_mask[0, 0]  # nothing forced: the step after the phrase samples the answer
+
+
 def test_answer_stops_at_eos_and_at_max_answer_tokens() -> None:
     model = model_for("llama", False)
     cfg = greedy("hard", max_answer_tokens=6)
@@ -481,7 +546,7 @@ def test_answer_texts_group_layout_and_samples() -> None:
         cfg,
         group_size=3,
         sigma=0.0,
-        think_end_ids=(THINK_END,),
+        stop=StopSpec.on_ids((THINK_END,)),
         eos_id=EOS,
         pad_id=PAD,
         generator=torch.Generator().manual_seed(0),

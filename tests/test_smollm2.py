@@ -20,6 +20,7 @@ from rl.prompts import PromptConfig, encode_prompts
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms, noise_sigma
 from rollouts.engine import generate, input_embedding_matrix
+from rollouts.stopping import StopSpec
 from tests.conftest import SMOLLM2_SPEC
 
 QUESTIONS = [  # GSM8K test problems 1 and 2
@@ -29,6 +30,7 @@ QUESTIONS = [  # GSM8K test problems 1 and 2
     "A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?",
 ]
 PROMPT = PromptConfig()
+PHRASE = "The final answer is:"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def policy(smollm2: Path):
 
 def rollouts_of(policy, cot: CotConfig, group_size: int = 2, seed: int = 0):
     model, tokenizer = policy
-    think_end, eos, pad = special_ids(tokenizer, PROMPT)
+    stop, eos, pad = special_ids(tokenizer, PROMPT)
     sigma = noise_sigma(input_embedding_matrix(model), cot)
     return generate(
         model,
@@ -48,7 +50,7 @@ def rollouts_of(policy, cot: CotConfig, group_size: int = 2, seed: int = 0):
         cot,
         group_size=group_size,
         sigma=sigma,
-        think_end_ids=think_end,
+        stop=stop,
         eos_id=eos,
         pad_id=pad,
         generator=torch.Generator().manual_seed(seed),
@@ -116,6 +118,92 @@ def test_fuzzy_greedy_is_hard_greedy_token_for_token(policy) -> None:
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
+def paper_prompt() -> PromptConfig:
+    """The prompt and stop rule `model=smollm2-135m` composes to (recipes/prompt/paper.yaml)."""
+    from omegaconf import OmegaConf
+
+    from rl.config import compose
+
+    return OmegaConf.to_object(compose("evaluate", ["model=smollm2-135m"]).model).prompt
+
+
+def _accepting_step(table: torch.Tensor, ids: list[int]) -> int | None:
+    """The first index at which the automaton `table` reaches its accepting state, fed `ids` from state 0."""
+    state = 0
+    for k, token in enumerate(ids):
+        state = int(table[state, token])
+        if state == table.shape[0] - 1:
+            return k
+    return None
+
+
+def test_the_phrase_is_found_in_decoded_bpe_text_merges_included(policy) -> None:
+    """The paper's stop phrase on SmolLM2's BPE: the automaton accepts at exactly the first token whose decoded
+    prefix holds the phrase, also where BPE merges its colon with what follows (`:**`, `::`), and never on
+    near misses."""
+    _, tokenizer = policy
+    stop = StopSpec.from_tokenizer(tokenizer, PHRASE, "text", " \\boxed{")
+    cases = {
+        "So 16 - 3 - 4 = 9 eggs. The final answer is: \\boxed{18}": True,
+        "9 * 2 = 18.\nThe final answer is:\n\n$18$": True,
+        "Thus The final answer is:** 18": True,
+        "Thus The final answer is:: 18": True,
+        'He said "The final answer is:" and stopped': True,
+        "the final answer is: 18": False,
+        "The final answer is 18": False,
+        "The final answer: is 18": False,
+    }
+    merged = 0
+    for text, holds in cases.items():
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        first = next((k for k in range(len(ids)) if PHRASE in tokenizer.decode(ids[: k + 1])), None)
+        assert (first is not None) == holds, text
+        assert _accepting_step(stop.phrase_table, ids) == first, (text, tokenizer.convert_ids_to_tokens(ids))
+        if holds:
+            completing = tokenizer.decode(ids[first : first + 1])
+            merged += completing.endswith(":") is False  # the colon arrives merged with the next characters
+    assert merged >= 2, "the cases no longer exercise a colon merged with what follows"
+    assert stop.forced["phrase"] == tuple(tokenizer(" \\boxed{", add_special_tokens=False).input_ids)
+    assert tokenizer.decode(stop.forced["max_tokens"]) == "The final answer is: \\boxed{"
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
+def test_paper_stop_rule_and_prefill_on_real_rollouts(policy, mode: str) -> None:
+    """Real SmolLM2 rollouts with the paper's prompt, in every CoT mode: a row stopped by the phrase has it in its
+    decoded CoT stream (the sampled tokens for hard, the greedy shadow for soft / fuzzy), completed by its last
+    CoT token, and answers after the forced ` \\boxed{`; any other row never wrote the phrase and gets
+    `The final answer is: \\boxed{` forced. The second question asks for the phrase, so phrase stops occur."""
+    model, tokenizer = policy
+    prompt = paper_prompt()
+    stop, eos, pad = special_ids(tokenizer, prompt)
+    questions = ["What is 2+3? Write 'The final answer is:' and then the number.", QUESTIONS[1]]
+    temperature = {"hard": 1.0, "soft": 0.5, "fuzzy": 1e-4}[mode]
+    # soft / fuzzy without noise: with σ = 0.33·rms(E) this model's shadow rarely writes the phrase within 40 steps
+    cot = CotConfig(name=mode, mode=mode, temperature=temperature, noise_scale=0.0, max_think_tokens=40,
+                    max_answer_tokens=6)  # fmt: skip
+    r = generate(model, encode_prompts(tokenizer, questions, prompt), cot, group_size=3,
+                 sigma=noise_sigma(input_embedding_matrix(model), cot), stop=stop, eos_id=eos, pad_id=pad,
+                 generator=torch.Generator().manual_seed(3))  # fmt: skip
+    reasons = []
+    for s in r.samples():
+        shadow = s.cot_top1_ids if mode != "hard" else s.cot_ids
+        forced = stop.forced[s.think_end]
+        assert tuple(s.answer_ids[: len(forced)]) == forced
+        assert s.answer_logprobs[: len(forced)] == [0.0] * len(forced)
+        if s.think_end == "phrase":
+            assert PHRASE in tokenizer.decode(shadow) and PHRASE not in tokenizer.decode(shadow[:-1])
+        else:
+            assert s.think_end in ("max_tokens", "eos") and PHRASE not in tokenizer.decode(shadow)
+            assert (s.think_end == "eos") == (len(shadow) < 40)
+        reasons.append(s.think_end)
+    assert "phrase" in reasons, reasons
+    if mode == "hard":  # (σ = 0 soft / fuzzy steps are not Gaussian actions: there is no density to score)
+        with torch.no_grad():
+            gap = log_prob_gap(r, sequence_log_probs(model, r, cot, LogProbConfig()))
+        assert gap.cot < 2e-3 and gap.answer < 1e-4, gap  # the forced prefill is context, not an action
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "fuzzy"])
 def test_learner_matches_the_rollouts_on_real_bpe_rollouts(policy, mode: str) -> None:
     """Float32: the learner's teacher-forced log-probs equal the engine's behaviour log-probs on sampled SmolLM2
     rollouts (the paper's σ = 0.33·rms(E)). Measured mean |gap| per CoT step: hard 2.9e-6, soft 5.5e-5 (of a
@@ -136,10 +224,11 @@ def test_learner_matches_the_rollouts_on_real_bpe_rollouts(policy, mode: str) ->
 
 
 def test_one_training_step_on_smollm2(smollm2: Path, shared_data: Path, tmp_path: Path) -> None:
-    """The whole loop on the real model and real GSM8K problems: `scripts/train.py model=smollm2-135m`, one soft
-    step of 2 prompts x 4 samples: every rollout judged, a finite loss and gradient, and an update consistent with
-    the advantages. (Without the paper's `\\boxed{` prefill this model almost never boxes an answer within the
-    answer budget, so all 8 rewards are usually 0, every advantage is 0 and the weights must not move.)"""
+    """The whole loop on the real model and real GSM8K problems with the paper recipe (`scripts/train.py
+    model=smollm2-135m` composes experiment/smollm2-135m.yaml = the paper protocol): one soft step of 2 prompts x
+    4 samples (G cut from 32 for time), every rollout judged on the 100 / 10 / 0 scale, a finite loss and
+    gradient, and an update consistent with the advantages (all-equal rewards give zero advantages and weights
+    that must not move)."""
     import os
     import subprocess
     import sys
@@ -149,7 +238,7 @@ def test_one_training_step_on_smollm2(smollm2: Path, shared_data: Path, tmp_path
     out = tmp_path / "run"
     cmd = [sys.executable, "scripts/train.py", "model=smollm2-135m", "data=gsm8k",
            f"data.path='{shared_data}/gsm8k_{{split}}.jsonl'", "cot=soft", f"output_dir={out}",
-           "trainer.max_steps=1", "trainer.prompts_per_step=2", "trainer.rollout_chunk=2", "rl.group_size=4",
+           "trainer.max_steps=1", "rl.group_size=4", "trainer.select_best=false",
            "cot.max_think_tokens=16", "cot.max_answer_tokens=8", "trainer.eval_modes=[]", "rl.optim.lr=1e-5",
            "rl.optim.warmup_steps=0", "logger.wandb_mode=disabled", "reward.workers=1", "reward.spare_workers=0"]  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
@@ -159,6 +248,7 @@ def test_one_training_step_on_smollm2(smollm2: Path, shared_data: Path, tmp_path
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["step"] == 1 and row["skipped"] == 0.0 and row["cot_len"] > 0
     assert sum(v for k, v in row.items() if k.startswith("reward_status/")) == 8  # every rollout judged
+    assert row["reward_mean"] in {x / 8 for x in range(0, 801, 10)}  # 8 rewards of 0, 10 or 100
     assert all(abs(row[k]) < float("inf") for k in ("loss", "grad_norm", "cot_term", "answer_term"))
     before, after = load_file(smollm2 / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     moved = any(not torch.equal(before[k], after[k]) for k in after)

@@ -83,7 +83,7 @@ def test_step_stats_derived_by_hand() -> None:
     # lengths: CoT (2+1+3+0)/4 = 1.5; answer (2+3+1+2)/4 = 2.0
     assert s.cot_len == pytest.approx(1.5) and s.answer_len == pytest.approx(2.0)
     # think-end reasons [token, token, max_tokens, entropy] -> fractions 2/4, 0, 1/4, 1/4
-    assert s.think_end == dict(zip(THINK_END_REASONS, [0.5, 0.0, 0.25, 0.25], strict=True))
+    assert s.think_end == dict(zip(THINK_END_REASONS, [0.5, 0.0, 0.25, 0.25, 0.0, 0.0], strict=True))
     # entropy over the 6 real CoT steps: (1 + 2 + 3 + 0.5 * 3) / 6 = 7.5 / 6 (padding 9s excluded)
     assert s.cot_entropy == pytest.approx(7.5 / 6)
     # throughput: (6 CoT steps + 8 answer tokens) / 2 s
