@@ -115,9 +115,11 @@ def evaluate_mode(
     seed: int,
     batch_size: int,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], ModeSummary]:
+    keep: int = 0,
+) -> tuple[list[dict[str, Any]], ModeSummary, list[Rollout]]:
     """Roll out `n` samples of every problem in mode `infer` and score them. Returns one JSON-able row per
-    problem (`uid`, `prompt_ids`, `answer`, `samples`) and the summary.
+    problem (`uid`, `prompt_ids`, `answer`, `samples`), the summary, and the whole record (CoT vectors included)
+    of the first sample of each of the first `keep` problems (for trace.html; their verdicts are in the rows).
 
     A deterministic mode (`infer.deterministic`: greedy CoT and greedy answer) is rolled out once per problem
     and the sample repeated n times: the n samples would be identical, so every number is unchanged
@@ -132,6 +134,7 @@ def evaluate_mode(
     rows: list[dict[str, Any]] = []
     statuses: list[Result] = []
     generated = 0  # rollouts actually generated (a deterministic mode generates one per problem)
+    kept: list[Rollout] = []
     bar = tqdm(total=len(problems), desc=f"eval {infer.name}", disable=not progress, leave=False)
     for lo in range(0, len(problems), batch_size):
         chunk = problems[lo : lo + batch_size]
@@ -154,6 +157,7 @@ def evaluate_mode(
         texts = rollouts.completion_texts(tokenizer)  # the same strings the trainer's reward judges
         results = pool.score(texts, golds)
         samples = rollouts.samples(tokenizer)
+        kept += samples[::drawn][: max(keep - len(kept), 0)]
         if drawn != n:
             results = [r for r in results for _ in range(n)]
             samples = [s for s in samples for _ in range(n)]
@@ -163,7 +167,7 @@ def evaluate_mode(
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
-    return rows, _summarize(rows, statuses, infer.name, n, sigma, time.time() - start, generated)
+    return rows, _summarize(rows, statuses, infer.name, n, sigma, time.time() - start, generated), kept
 
 
 def _problem_rows(
@@ -348,7 +352,7 @@ class Evaluator:
         out = {}
         for name in names:
             infer = self.modes[name]
-            _, summary = evaluate_mode(
+            _, summary, _ = evaluate_mode(
                 policy,
                 self.tokenizer,
                 self.problems,

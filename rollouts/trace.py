@@ -91,7 +91,7 @@ def trace_sample(
     )
 
 
-def _token(tokenizer, token_id: int) -> str:
+def token_label(tokenizer, token_id: int) -> str:
     """Readable text of one id: the decoded token with whitespace made visible, or `#id` without a tokenizer."""
     if tokenizer is None:
         return f"#{token_id}"
@@ -112,9 +112,9 @@ def trace_table(steps: list[TraceStep], tokenizer=None, *, header: str = "") -> 
     lines.append(f"{'step':>4}  {'H':>6}  {'chosen':<10}  top-k (p)")
     for s in steps:
         tops = "  ".join(
-            f"{_token(tokenizer, i)} {p:.3f}" for i, p in zip(s.top_ids, s.top_probs, strict=True)
+            f"{token_label(tokenizer, i)} {p:.3f}" for i, p in zip(s.top_ids, s.top_probs, strict=True)
         )
-        lines.append(f"{s.step:>4}  {s.entropy:>6.3f}  {_token(tokenizer, s.chosen_id):<10}  {tops}")
+        lines.append(f"{s.step:>4}  {s.entropy:>6.3f}  {token_label(tokenizer, s.chosen_id):<10}  {tops}")
     return "\n".join(lines)
 
 
@@ -147,12 +147,12 @@ def _steps_table(steps: list[TraceStep], tokenizer) -> str:
             classes = "tok" + (" top1" if rank == 0 else " picked" if i == s.chosen_id else "")
             shade = f"background: rgba(70, 130, 180, {0.6 * p:.3f});"  # light enough to read
             cells.append(
-                f'<td class="{classes}" style="{shade}">{html.escape(_token(tokenizer, i))} '
+                f'<td class="{classes}" style="{shade}">{html.escape(token_label(tokenizer, i))} '
                 f'<span class="p">{p:.3f}</span></td>'
             )
         rows.append(
             f"<tr><td>{s.step}</td><td>{s.entropy:.3f}</td>"
-            f'<td class="tok chosen">{html.escape(_token(tokenizer, s.chosen_id))}</td>{"".join(cells)}</tr>'
+            f'<td class="tok chosen">{html.escape(token_label(tokenizer, s.chosen_id))}</td>{"".join(cells)}</tr>'
         )
     return (
         f'<table class="steps"><tr><th>step</th><th>H (nats)</th><th>chosen</th>{head}</tr>\n'

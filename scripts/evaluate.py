@@ -17,19 +17,18 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from rewards import RewardPool
 from rl.config import RECIPES_DIR, EvaluateConfig, prepare_model, register_configs, to_object
 from rl.data import Problem, load_problems, require_problems
-from rl.evaluation import evaluate_mode, special_ids, write_outputs
+from rl.evaluation import evaluate_mode, write_outputs
 from rl.model import load_policy, read_profile
-from rl.prompts import encode_prompts
 from rl.runtime import resolve_device, seed_everything
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
-from rollouts.engine import generate, input_embedding_matrix
+from rollouts.engine import input_embedding_matrix
+from rollouts.record import Rollout
 from rollouts.trace import TracedSample, trace_page, trace_sample
 
 register_configs()
@@ -51,7 +50,7 @@ def main(raw) -> None:
     rms = profile.embedding_rms if profile else embedding_rms_by_kind(input_embedding_matrix(model))
     sigma = sigma_from_rms(cfg.infer, rms)
     with RewardPool(cfg.reward) as pool:
-        rows, summary = evaluate_mode(
+        rows, summary, kept = evaluate_mode(
             model,
             tokenizer,
             problems,
@@ -62,8 +61,9 @@ def main(raw) -> None:
             sigma=sigma,
             seed=cfg.seed,
             batch_size=cfg.batch_size,
+            keep=cfg.trace_problems,
         )
-        traced = trace_first(model, tokenizer, problems[: cfg.trace_problems], cfg, sigma, pool)
+    traced = trace_first(model, problems, kept, rows, cfg)
     out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw, resolve=True))
     if traced:
         write_trace(out / "trace.html", traced, tokenizer, cfg, sigma)
@@ -79,39 +79,28 @@ def main(raw) -> None:
 
 
 def trace_first(
-    model, tokenizer, problems: list[Problem], cfg: EvaluateConfig, sigma: float, pool: RewardPool
+    model, problems: list[Problem], kept: list[Rollout], rows: list[dict], cfg: EvaluateConfig
 ) -> list[TracedSample]:
-    """One sample of each of `problems` for trace.html, drawn anew in the evaluated mode from the evaluation's
-    seed and scored by the same reward, with its per-step top-k replayed (rollouts/trace.py). evaluate_mode
-    keeps no Rollout records (a soft sample's CoT vectors are not in samples.jsonl), hence the fresh draw: in a
-    deterministic mode it is the evaluated sample (up to batch numerics), in a sampled mode one more draw."""
-    if not problems:
-        return []
-    prompt_ids = encode_prompts(tokenizer, [p.question for p in problems], cfg.model.prompt)
-    stop, eos_id, pad_id = special_ids(tokenizer, cfg.model.prompt)
-    rollouts = generate(
-        model,
-        prompt_ids,
-        cfg.infer,
-        group_size=1,
-        sigma=sigma,
-        stop=stop,
-        eos_id=eos_id,
-        pad_id=pad_id,
-        generator=torch.Generator(device=model.device).manual_seed(cfg.seed),
-        tokenizer=tokenizer,
-    )
-    results = pool.score(rollouts.completion_texts(tokenizer), [p.answers for p in problems])
+    """The evaluated first sample of each of the first problems (`kept`, from evaluate_mode), with its verdict
+    from `rows` and its per-step top-k replayed (rollouts/trace.py), for trace.html."""
     return [
-        trace_sample(model, s, cfg.infer, title=p.uid, reward=r.reward, status=r.status, gold=p.answers)
-        for p, s, r in zip(problems, rollouts.samples(tokenizer), results, strict=True)
+        trace_sample(
+            model,
+            sample,
+            cfg.infer,
+            title=problem.uid,
+            reward=row["samples"][0]["reward"],
+            status=row["samples"][0]["status"],
+            gold=problem.answers,
+        )
+        for problem, sample, row in zip(problems, kept, rows, strict=False)
     ]
 
 
 def write_trace(path: Path, traced: list[TracedSample], tokenizer, cfg: EvaluateConfig, sigma: float) -> None:
     note = (
         f"model {cfg.model.path}, mode {cfg.infer.name} (sigma={sigma:.4g}, seed {cfg.seed}): one sample of each of "
-        f"the first {len(traced)} problems, drawn for this page (see scripts/evaluate.py trace_first). Top-1 "
+        f"the first {len(traced)} problems: the first evaluated sample (samples.jsonl's first of each row). Top-1 "
         "outlined; cells shaded by probability; H in nats."
     )
     path.write_text(

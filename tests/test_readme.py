@@ -76,7 +76,7 @@ def as_tested(command: str, tmp: Path) -> str | None:
     if command.startswith("python scripts/make_tiny_base.py"):
         return f"{moved} output_dir={tmp}/tiny_base {TINY_BUILD_SHRINK}"
     if command.startswith("python scripts/evaluate.py"):
-        return f"{moved} data.limit=4 n=2 batch_size=4"
+        return f"{moved} data.limit=4 n=2 batch_size=4 model.max_think_tokens=16 trace_problems=1"
     if command.startswith("python scripts/evaluate_ood.py"):  # the fixtures, 2 problems each
         return f"{moved.replace('out/ood', f'{tmp}/out/ood')} limit=2"
     if command.startswith("python scripts/bench_rollout.py"):

@@ -20,7 +20,15 @@ from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy
 from rollouts.engine import generate
 from rollouts.stopping import StopSpec
-from rollouts.trace import TracedSample, trace_html, trace_page, trace_sample, trace_steps, trace_table
+from rollouts.trace import (
+    TracedSample,
+    token_label,
+    trace_html,
+    trace_page,
+    trace_sample,
+    trace_steps,
+    trace_table,
+)
 from tests.arch import one_thread, tiny_causal_lm  # noqa: F401 (fixture)
 from tests.test_evaluate_cli import evaluate
 
@@ -360,12 +368,13 @@ def test_trace_page_renders_in_headless_chromium(traced, tmp_path: Path) -> None
 
 
 def test_evaluate_writes_trace_html(tiny_base: Path, tmp_path: Path) -> None:
-    """scripts/evaluate.py on the tiny model in a deterministic mode: trace.html holds the first `trace_problems`
-    problems, and its samples are then the evaluated ones (samples.jsonl)."""
+    """scripts/evaluate.py on the tiny model in a sampled mode: trace.html holds the first `trace_problems`
+    problems, each with the first evaluated sample of its samples.jsonl row (the same CoT, answer and verdict,
+    not a fresh draw)."""
     from transformers import AutoTokenizer
 
     out = tmp_path / "eval"
-    done = evaluate(f"model.path={tiny_base}", "data=synthetic", "data.limit=3", "infer=hard_greedy", "n=2",
+    done = evaluate(f"model.path={tiny_base}", "data=synthetic", "data.limit=3", "infer=soft_sample", "n=2",
                     "trace_problems=2", f"output_dir={out}", "reward.workers=1", "reward.spare_workers=0")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
@@ -377,6 +386,9 @@ def test_evaluate_writes_trace_html(tiny_base: Path, tmp_path: Path) -> None:
         s = row["samples"][0]
         assert view.title == f"{j}. {row['uid']}"
         assert len(view.rows) == len(s["cot_top1_ids"])  # one row per CoT step
+        assert [r[2].text() for r in view.rows] == [
+            token_label(tok, t) for t in s["cot_top1_ids"]
+        ]  # the same CoT
         assert view.answer == tok.decode(s["answer_ids"]) and view.answer.startswith("</think>")
         assert view.verdict[:3] == [
             f"reward {s['reward']:g}",
