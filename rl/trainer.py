@@ -246,13 +246,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def profile(self, step: int | None = None) -> ModelProfile:
-        """What the trained policy's directories say about it: the prompt format and the CoT limits it was
-        trained with, the rms(E) its noise scale refers to (rl/model.py), and the step its weights are from
+        """What the trained policy's directories say about it: the prompt format, the CoT limits its run
+        evaluated it with (the training cap, or `trainer.eval_max_think_tokens` when set: the paper trains at 128
+        and tests at 512), the rms(E) its noise scale refers to (rl/model.py), and the step its weights are from
         (default: the current one)."""
         step = self.state.step if step is None else step
         written_by = f"softgrpo train step {step} (cot={self.cfg.cot.name}, from {self.cfg.model.path})"
         limits = {
-            "max_think_tokens": self.cfg.cot.max_think_tokens,
+            "max_think_tokens": self.cfg.trainer.eval_max_think_tokens or self.cfg.cot.max_think_tokens,
             "max_answer_tokens": self.cfg.cot.max_answer_tokens,
         }
         return ModelProfile(

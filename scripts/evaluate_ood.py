@@ -24,7 +24,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from rl.config import RECIPES_DIR, prepare_model, register_configs, to_object
+from rl.config import RECIPES_DIR, compose, prepare_model, register_configs, to_object
 from rl.model import ModelConfig, load_policy
 from rl.ood import OodConfig, benchmark_path, load_benchmark, score_problems, side_by_side, summarise
 from rl.runtime import resolve_device
@@ -44,10 +44,11 @@ def model_config(entry: str, dtype: str | None) -> ModelConfig:
     """The model `entry` names (a recipe under recipes/model/, else a path or hub id), ready to load: the tiny
     base built, a GGUF converted, a local path checked (`prepare_model`)."""
     recipe = RECIPES_DIR / "model" / f"{entry}.yaml"
-    node = OmegaConf.structured(ModelConfig)
+    # a recipe is composed, so that its own defaults list (its prompt) applies
     if "/" not in entry and recipe.is_file():
-        node = OmegaConf.merge(node, OmegaConf.load(recipe))
+        node = compose("evaluate", [f"model={entry}"]).model
     else:
+        node = OmegaConf.structured(ModelConfig)
         node.path = entry
     if dtype is not None:
         node.dtype = dtype

@@ -180,3 +180,5 @@ def test_eval_max_think_tokens_reaches_every_evaluation_mode(
         assert mode.name == name and mode.max_think_tokens == expected, name
         assert mode.max_answer_tokens == 10, name
     assert trainer.cfg.cot.max_think_tokens == 24
+    # and the trained model's profile says so, so that evaluate.py on final/ thinks as long as the run's own tests
+    assert trainer.profile().max_think_tokens == expected
