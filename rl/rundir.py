@@ -1,7 +1,7 @@
 """A run directory belongs to one configuration.
 
 `python scripts/train.py` writes everything into `output_dir` (default `outputs/train`): `config.yaml` (the
-resolved configuration), `metrics.jsonl`, `checkpoints/`, `summary.json`, plots, W&B files and `final/`. Rerunning
+resolved configuration), `metrics.jsonl`, `checkpoints/`, `summary.json`, plots, W&B files, `best/` and `final/`. Rerunning
 the same command there resumes it (`trainer.resume=auto`). At start, before any model is loaded and before a
 file is touched, `plan_run` compares the configuration with the one saved there:
 
@@ -35,8 +35,14 @@ RESUMABLE = (
     "logger.",  # every logger key: W&B mode, project, names, tags
 )
 """Keys that may differ between a run directory's saved configuration and a run resuming it."""
+BEST_DIR = "best"
+"""`output_dir/best/`: the policy `trainer.select_best` selected (rl/trainer.py), written through `best.tmp` and
+`best.old`."""
 RUN_FILES = (
     CONFIG_FILE,
+    BEST_DIR,
+    f"{BEST_DIR}.tmp",
+    f"{BEST_DIR}.old",
     "metrics.jsonl",
     "checkpoints",
     "summary.json",

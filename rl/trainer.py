@@ -49,7 +49,7 @@ from rl.model import ModelProfile
 from rl.optim import fit_warmup
 from rl.parallel import Parallel
 from rl.prompts import encode_prompts
-from rl.rundir import CONFIG_FILE, RunPlan, config_yaml
+from rl.rundir import BEST_DIR, CONFIG_FILE, RunPlan, config_yaml
 from rl.sharding import load_full_state_dicts
 from rl.stats import StepSample, StepStats, merge_stats, step_stats
 from rollouts.config import CotConfig
@@ -83,7 +83,6 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     return out
 
 
-BEST_DIR = "best"  # output_dir/best/: the selected policy (trainer.select_best)
 SELECTED_FILE = "selected.json"  # best/selected.json: which evaluation selected it (`Selection`)
 
 

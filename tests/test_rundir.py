@@ -35,6 +35,8 @@ def _used_dir(tmp_path: Path, **changes: object) -> Path:
     (run / "config.yaml").write_text(yaml.safe_dump(_config(**changes)))
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     (run / "summary.json").write_text("{}")
+    (run / "best").mkdir()  # trainer.select_best's selected policy
+    (run / "best" / "selected.json").write_text("{}")
     return run
 
 
