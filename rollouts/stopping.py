@@ -31,6 +31,7 @@ prefill after any other stop (text rule; the paper's `\\boxed{` vs `The final an
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -142,8 +143,9 @@ class StopSpec:
             return StopSpec.on_ids(ids(think_end), ids(prefill))
         if stop_on != "text":
             raise ValueError(f"stop_on={stop_on!r}: expected one of {STOP_RULES}")
-        texts = token_texts(tokenizer)
-        return StopSpec.on_text(phrase_table(think_end, texts), ids(think_end + prefill), ids(prefill))
+        return StopSpec.on_text(
+            tokenizer_phrase_table(tokenizer, think_end), ids(think_end + prefill), ids(prefill)
+        )
 
     def forced_table(self, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """([R, F] forced ids per reason, right-padded with `pad_id`; [R] their lengths), R = every reason."""
@@ -154,6 +156,13 @@ class StopSpec:
             table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         return table.to(device), lengths.to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_phrase_table(tokenizer: Any, phrase: str) -> torch.Tensor:
+    """`phrase_table` over `tokenizer`'s vocabulary, built once per (tokenizer, phrase): it decodes every token, and
+    every evaluation and rollout call asks for it again (read-only; never modify the returned tensor)."""
+    return phrase_table(phrase, token_texts(tokenizer))
 
 
 def token_texts(tokenizer: Any) -> list[str]:

@@ -79,3 +79,16 @@ def smollm2() -> Path:
     out = CACHE_DIR / "smollm2-135m-instruct"
     ensure_converted(out, SMOLLM2_SPEC)
     return out
+
+
+def die_after_step(trainer, step: int) -> None:
+    """Make `trainer.run()` raise KeyboardInterrupt as it starts the step after `step`: the run as a killed process
+    leaves it (rows and checkpoints up to `step` written, nothing after)."""
+    real_step = trainer.train_step
+
+    def train_step(pool):
+        if trainer.state.step == step:
+            raise KeyboardInterrupt
+        return real_step(pool)
+
+    trainer.train_step = train_step

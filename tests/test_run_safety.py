@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rewards import RewardPool
 from rl.config import EvaluateConfig, TrainConfig, compose, to_object
 from rl.rundir import RunDirError
+from tests.conftest import die_after_step
 from tests.test_trainer import make_trainer, small_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,14 +45,7 @@ def test_crash_resume_logs_every_step_once_and_skips_a_corrupt_checkpoint(
     out = tmp_path / "run"
     run = small_run(tiny_base, out, "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=3")
     first = make_trainer(run)
-    real_step = first.train_step
-
-    def dies_at_step_four(pool: RewardPool):
-        if first.state.step == 3:
-            raise KeyboardInterrupt  # as kill -9 would leave it: rows 1..3 logged, checkpoints 1..3 written
-        return real_step(pool)
-
-    first.train_step = dies_at_step_four
+    die_after_step(first, 3)  # as kill -9 would leave it: rows 1..3 logged, checkpoints 1..3 written
     with pytest.raises(KeyboardInterrupt):
         first.run()
     assert steps_logged(out) == [1, 2, 3]

@@ -16,6 +16,7 @@ from rl.config import TrainConfig, compose, to_object
 from rl.evaluation import ModeSummary
 from rl.model import read_profile
 from rl.trainer import Selection, Trainer
+from tests.conftest import die_after_step
 from tests.test_trainer import make_trainer, params, small_run
 
 
@@ -117,14 +118,7 @@ def test_resume_keeps_the_selection(tiny_base: Path, tmp_path: Path) -> None:
     overrides = selecting_run(tiny_base, out, "trainer.max_steps=4", "trainer.save_every=2")
     first = make_trainer(overrides)
     seen_first = script_evaluations(first, {"before": 0.1, "step 1": 0.8, "step 2": 0.3})
-    real_step = first.train_step
-
-    def killed_at_step_three(pool):
-        if first.state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(pool)
-
-    first.train_step = killed_at_step_three
+    die_after_step(first, 2)  # killed at the start of step 3
     with pytest.raises(KeyboardInterrupt):
         first.run()
     assert Selection.load(out / "best") == Selection(1, 0.8, "hard_greedy")

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewards import RewardPool
 from rl.config import TrainConfig, compose, to_object
 from rl.logprobs import log_prob_gap, sequence_log_probs
 from rl.trainer import Trainer
-from tests.conftest import load_script
+from tests.conftest import die_after_step, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,14 +72,7 @@ def test_kill_and_resume_equals_straight_run(tiny_base: Path, tmp_path: Path) ->
 
     run_b = small_run(tiny_base, tmp_path / "b", "trainer.max_steps=4", "trainer.save_every=2")
     first = make_trainer(run_b)
-    real_step = first.train_step
-
-    def killed_after_two(pool: RewardPool):  # the process dies at the start of step 3 (after checkpoint 2)
-        if first.state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(pool)
-
-    first.train_step = killed_after_two
+    die_after_step(first, 2)  # the process dies at the start of step 3 (after checkpoint 2)
     with pytest.raises(KeyboardInterrupt):
         first.run()
     assert (tmp_path / "b" / "checkpoints" / "step_000002").is_dir()
