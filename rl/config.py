@@ -26,7 +26,7 @@ from rl.model import CACHE_DIR, ModelConfig, apply_profile, check_model_path, is
 from rl.rundir import RESUME_MODES
 from rl.sharding import SHARDINGS
 from rl.tiny_base import TinyBaseConfig, ensure_tiny_base
-from rollouts.config import CotConfig
+from rollouts.config import CotConfig, check_engine
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -74,6 +74,9 @@ class TrainerConfig:
     sharding: str = "auto"
     # zero3: parameters with fewer elements stay whole on every process (DeepSpeed's default 1e5)
     zero3_persistence_threshold: int = 100_000
+    # rollout engine (rollouts/engines.py): auto = static (compiled) where the model and platform support it and
+    # the policy is not sharded, else eager (the reference); static / eager force one
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.prompts_per_step < 1 or self.rollout_chunk < 1:
@@ -100,6 +103,9 @@ class TrainerConfig:
                 raise ValueError(
                     f"trainer.{key}={getattr(self, key)}: must be >= 1 (or trainer.eval_modes=[])"
                 )
+        check_engine(self.engine, "trainer.engine")
+        if self.engine == "vllm":
+            raise ValueError("trainer.engine=vllm: vLLM serves evaluate.py's hard modes; training uses auto|static|eager")
         if self.sharding not in ("auto", *SHARDINGS):
             raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
         if self.zero3_persistence_threshold < 0:
@@ -137,10 +143,14 @@ class EvaluateConfig:
     batch_size: int = 64  # prompts per engine call (each expands to `n` rollouts)
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
+    # rollout engine (rollouts/engines.py): auto = vllm for a hard mode on CUDA when vLLM is installed, else
+    # static (compiled) where supported, else eager (the reference)
+    engine: str = "auto"
     output_dir: str = "outputs/eval"
     trace_problems: int = 4  # the first problems shown step by step in trace.html (0 = no trace.html)
 
     def __post_init__(self) -> None:
+        check_engine(self.engine, "engine")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError(f"n={self.n}, batch_size={self.batch_size}: both must be >= 1")
         if self.trace_problems < 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from rl.logger import plot_training_curves, read_metrics
 from rl.prompts import PromptConfig, encode_prompts
 from rollouts.config import CotConfig
 from rollouts.distributions import sigma_from_rms
-from rollouts.engine import generate
+from rollouts.engines import EagerEngine, RolloutEngine
 from rollouts.record import THINK_END_REASONS, Rollout
 from rollouts.stopping import StopSpec
 
@@ -116,6 +116,7 @@ def evaluate_mode(
     batch_size: int,
     progress: bool = True,
     keep: int = 0,
+    engine: RolloutEngine | None = None,
 ) -> tuple[list[dict[str, Any]], ModeSummary, list[Rollout]]:
     """Roll out `n` samples of every problem in mode `infer` and score them. Returns one JSON-able row per
     problem (`uid`, `prompt_ids`, `answer`, `samples`), the summary, and the whole record (CoT vectors included)
@@ -123,7 +124,8 @@ def evaluate_mode(
 
     A deterministic mode (`infer.deterministic`: greedy CoT and greedy answer) is rolled out once per problem
     and the sample repeated n times: the n samples would be identical, so every number is unchanged
-    (pass@k = pass@1) at 1/n of the cost."""
+    (pass@k = pass@1) at 1/n of the cost. `engine` generates (rollouts/engines.py; default: the eager
+    reference)."""
     if not problems:
         raise ValueError("evaluate_mode: no problems to evaluate")
     start = time.time()
@@ -140,7 +142,7 @@ def evaluate_mode(
         chunk = problems[lo : lo + batch_size]
         prompt_ids = encode_prompts(tokenizer, [p.question for p in chunk], prompt)
         drawn = 1 if infer.deterministic else n
-        rollouts = generate(
+        rollouts = (engine or EagerEngine()).generate(
             model,
             prompt_ids,
             infer,
@@ -344,6 +346,7 @@ class Evaluator:
     prompt: PromptConfig
     rms: dict[str, float]
     seed: int
+    engine: RolloutEngine = field(default_factory=EagerEngine)
 
     def evaluate(
         self, policy: torch.nn.Module, names: list[str], pool: RewardPool, tag: str
@@ -364,6 +367,7 @@ class Evaluator:
                 seed=self.seed,
                 batch_size=self.batch_size,
                 progress=False,
+                engine=self.engine,
             )
             out[name] = summary
             print(

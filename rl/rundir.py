@@ -31,6 +31,7 @@ RESUMABLE = (
     "trainer.save_every",
     "trainer.keep_last",
     "trainer.diag_every",
+    "trainer.engine",  # the engines draw the same noise and differ in float rounding only
     "trainer.resume",
     "logger.",  # every logger key: W&B mode, project, names, tags
 )

@@ -54,7 +54,8 @@ from rl.sharding import load_full_state_dicts
 from rl.stats import StepSample, StepStats, merge_stats, step_stats
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
-from rollouts.engine import generate, input_embedding_matrix
+from rollouts.engine import input_embedding_matrix
+from rollouts.engines import EagerEngine, RolloutEngine
 from rollouts.record import Rollouts, concat_rollouts
 
 
@@ -131,6 +132,7 @@ class RunParts:
     train_problems: list[Problem]
     eval_problems: list[Problem]
     eval_modes: dict[str, CotConfig] = field(default_factory=dict)  # name -> inference mode, primary first
+    engine: RolloutEngine = field(default_factory=EagerEngine)  # rollouts and evaluations (rollouts/engines.py)
 
 
 class Trainer:
@@ -140,6 +142,7 @@ class Trainer:
         self.cfg, self.plan, self.parallel = cfg, parts.plan, parts.parallel
         self.main, self.world, self.device = self.parallel.main, self.parallel.world, self.parallel.device
         self.model, self.tokenizer, self.ref = parts.model, parts.tokenizer, parts.ref
+        self.engine = parts.engine
         self.train_problems = parts.train_problems
         self.out = Path(cfg.output_dir)
         self.config_yaml = config_yaml(cfg)
@@ -157,7 +160,7 @@ class Trainer:
         tcfg = cfg.trainer
         self.evaluator = Evaluator(
             self.tokenizer, parts.eval_problems, parts.eval_modes, tcfg.eval_primary, tcfg.eval_n,
-            tcfg.eval_batch_size, cfg.model.prompt, self.state.rms, tcfg.seed,
+            tcfg.eval_batch_size, cfg.model.prompt, self.state.rms, tcfg.seed, self.engine,
         )  # fmt: skip
         self._stop = False
         self.best: Selection | None = None  # trainer.select_best: what best/ holds (same on every process)
@@ -194,7 +197,7 @@ class Trainer:
             self.model.eval()
             with torch.no_grad(), self.parallel.generation_view() as policy:
                 parts.append(
-                    generate(
+                    self.engine.generate(
                         policy,
                         encode_prompts(self.tokenizer, [p.question for p in chunk], self.cfg.model.prompt),
                         self.cfg.cot,

@@ -7,6 +7,20 @@ from dataclasses import dataclass
 
 COT_MODES = ("hard", "soft", "fuzzy")
 RMS_KINDS = ("entry", "row")
+ENGINES = ("auto", "eager", "static", "vllm")
+"""Rollout engines, chosen by `rollouts.engines.build_engine` (the key `engine` of train.py and evaluate.py)."""
+
+
+def check_engine(name: str, key: str) -> None:
+    """Refuse an unknown engine name, naming the config key.
+
+    >>> check_engine("turbo", "trainer.engine")
+    Traceback (most recent call last):
+    ...
+    ValueError: trainer.engine='turbo': expected one of ('auto', 'eager', 'static', 'vllm')
+    """
+    if name not in ENGINES:
+        raise ValueError(f"{key}={name!r}: expected one of {ENGINES}")
 
 
 @dataclass

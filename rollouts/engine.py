@@ -43,7 +43,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy
-from rollouts.modes import CotActionFn, answer_log_probs, cot_action_fn, sample_ids
+from rollouts.modes import StepNoise, answer_log_probs, cot_action_fn, draw_noise, sample_ids
 from rollouts.record import Rollouts
 from rollouts.stopping import NOT_ENDED, REASON, StopSpec, ThinkEndDetector
 
@@ -84,9 +84,9 @@ class DecodeState:
 
     phase: torch.Tensor  # [N] int64, THINK | DELIMITER | ANSWER | DONE
     next_pos: torch.Tensor  # [N] int64, position id of the next fed input (= real tokens so far)
-    attention_mask: (
-        torch.Tensor
-    )  # [N, P + S] int64, grows one column per step; 0 on pads and rolled-back steps
+    column: torch.Tensor  # [] int64, the KV-cache column of the next fed input (P + steps so far)
+    attention_mask: torch.Tensor  # [N, L] int64, L >= P + S; 1 on the prompt and each fed column, 0 on pads,
+    # rolled-back steps and columns not fed yet
     cot_len: torch.Tensor  # [N] int64
     delim_idx: torch.Tensor  # [N] int64, next forced token (of the row's think-end reason) to feed
     answer_len: torch.Tensor  # [N] int64, answer tokens written (delimiter included)
@@ -102,10 +102,13 @@ class DecodeState:
     answer_logprobs: torch.Tensor  # [N, A] float32
 
     @staticmethod
-    def empty(prompt_mask: torch.Tensor, steps: int, t_max: int, a_buf: int, d: int | None) -> DecodeState:
-        """The state before the first decode step of rows with `prompt_mask` [N, P]: room for `steps` fed inputs,
-        `t_max` CoT steps (at least 1 column), `a_buf` answer tokens, and CoT vectors of width `d` (None: hard)."""
+    def empty(prompt_mask: torch.Tensor, columns: int, cfg: CotConfig, stop: StopSpec, d: int) -> DecodeState:
+        """The state before the first decode step of rows with `prompt_mask` [N, P]: room for `columns` >= S fed
+        inputs after the prompt, the CoT and answer buffers of `cfg` and `stop` (CoT vectors of width `d` for
+        soft / fuzzy)."""
         n, device = prompt_mask.shape[0], prompt_mask.device
+        t_max = cfg.max_think_tokens
+        a_buf = max(len(f) for f in stop.forced.values()) + cfg.max_answer_tokens
 
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
@@ -114,13 +117,14 @@ class DecodeState:
         return DecodeState(
             phase=zeros(n),
             next_pos=prompt_mask.sum(dim=1),
-            attention_mask=torch.cat([prompt_mask.long(), zeros(n, steps)], dim=1),
+            column=torch.tensor(prompt_mask.shape[1], dtype=torch.long, device=device),
+            attention_mask=torch.cat([prompt_mask.long(), zeros(n, columns)], dim=1),
             cot_len=zeros(n),
             delim_idx=zeros(n),
             answer_len=zeros(n),
             sampled=zeros(n),
             think_end=zeros(n),
-            cot_inputs=None if d is None else zeros(n, t_buf, d, dtype=torch.float32),
+            cot_inputs=zeros(n, t_buf, d, dtype=torch.float32) if cfg.continuous else None,
             cot_ids=zeros(n, t_buf),
             cot_top1=zeros(n, t_buf),
             cot_entropy=zeros(n, t_buf, dtype=torch.float32),
@@ -170,52 +174,56 @@ def _left_pad(
     return ids.to(device), mask.to(device)
 
 
-class _Stepper:
-    """The decode step: static context (embedding, mode function, limits) plus `__call__`, which mutates the
-    state tensors and returns the [N, d] float32 inputs to feed. Pure tensor code, no host reads."""
+class Stepper:
+    """The decode step: static context (embedding, mode function, limits) plus `__call__`, which updates the state
+    tensors in place and returns the [N, d] float32 inputs to feed. Pure tensor code with no host reads and no
+    randomness of its own (the step's `StepNoise` comes in), so the static engine compiles exactly this code;
+    every state update is in place, so the tensors keep their addresses from step to step (a CUDA graph's static
+    inputs)."""
 
     def __init__(
         self,
         cfg: CotConfig,
-        action: CotActionFn,
+        sigma: float,
         embedding: torch.Tensor,
         stop: StopSpec,
         detector: ThinkEndDetector,
         eos_id: int,
         pad_id: int,
-        generator: torch.Generator,
-        prompt_width: int,
     ):
-        self.cfg, self.action, self.embedding = cfg, action, embedding
+        self.cfg, self.sigma, self.embedding = cfg, sigma, embedding
+        self.action = cot_action_fn(cfg, sigma)
         self.d_len = len(stop.delimiter)  # ids rule: the delimiter rolled back on a multi-token match
         self.forced, self.forced_len = stop.forced_table(pad_id, embedding.device)  # [R, F], [R]
-        self.detector, self.eos_id, self.pad_id, self.generator = detector, eos_id, pad_id, generator
-        self.prompt_width = prompt_width
-        self.answer_generator = None if cfg.answer_temperature == 0 else generator
+        self.detector, self.eos_id, self.pad_id = detector, eos_id, pad_id
 
-    def __call__(self, st: DecodeState, logits: torch.Tensor, step: int) -> torch.Tensor:
+    def draw(self, rows: int, generator: torch.Generator) -> StepNoise:
+        """The next step's noise for `rows` rows (`rollouts.modes.draw_noise`)."""
+        vocab, width = self.embedding.shape
+        return draw_noise(self.cfg, self.sigma, rows, vocab, width, generator)
+
+    def __call__(self, st: DecodeState, logits: torch.Tensor, noise: StepNoise) -> torch.Tensor:
         d_len = self.d_len
         # --- CoT side: p_t, its entropy and top-1, and the mode's action, for every row
         log_p = cot_log_probs(logits, self.cfg)  # [N, V] float32
         step_entropy = entropy(log_p)  # [N]
         top1 = log_p.argmax(dim=-1)  # [N]
-        act = self.action(log_p, self.embedding, self.generator)
+        act = self.action(log_p, self.embedding, noise.cot)
 
         thinking = st.phase == THINK  # [N]
         reason = self.detector.check(act.ids, st.cot_len)  # [N]
         ending = thinking & (reason != NOT_ENDED)
         if d_len > 1:
-            # roll back the D-1 partial-delimiter CoT steps fed at steps step-D+1 .. step-1 (see module doc, 4.)
+            # roll back the D-1 partial-delimiter CoT steps, fed in the D-1 columns before this step's (module doc, 4.)
             drop = ending & (reason == REASON["delimiter"])  # [N]
-            cols = torch.arange(st.attention_mask.shape[1] - self.prompt_width, device=logits.device)  # [S]
-            dropped_cols = (cols >= step - d_len + 1) & (cols < step)  # [S]
-            gen = st.attention_mask[:, self.prompt_width :]  # [N, S] view
-            gen.masked_fill_(drop[:, None] & dropped_cols[None, :], 0)
-            st.cot_len -= drop.long() * (d_len - 1)
-            st.next_pos -= drop.long() * (d_len - 1)
-        st.think_end = torch.where(ending, reason, st.think_end)
+            cols = torch.arange(st.attention_mask.shape[1], device=logits.device)  # [L]
+            dropped_cols = (cols >= st.column - d_len + 1) & (cols < st.column)  # [L]
+            st.attention_mask.masked_fill_(drop[:, None] & dropped_cols[None, :], 0)
+            st.cot_len.sub_(drop.long() * (d_len - 1))
+            st.next_pos.sub_(drop.long() * (d_len - 1))
+        st.think_end.copy_(torch.where(ending, reason, st.think_end))
         nothing_forced = self.forced_len[reason.clamp(min=0)] == 0  # e.g. a phrase stop with no prefill
-        st.phase = torch.where(ending, torch.where(nothing_forced, ANSWER, DELIMITER), st.phase)
+        st.phase.copy_(torch.where(ending, torch.where(nothing_forced, ANSWER, DELIMITER), st.phase))
         thinking = st.phase == THINK
 
         if st.cot_inputs is not None:
@@ -224,12 +232,12 @@ class _Stepper:
         _write(st.cot_top1, st.cot_len, top1, thinking)
         _write(st.cot_entropy, st.cot_len, step_entropy, thinking)
         _write(st.cot_logprobs, st.cot_len, act.logprobs, thinking)
-        st.cot_len += thinking.long()
+        st.cot_len.add_(thinking.long())
         self.detector.record(act.ids, step_entropy, thinking)
 
         # --- token side: forced token (of the row's think-end reason) or sampled answer token
         ans_log_p = answer_log_probs(logits, self.cfg)  # [N, V]
-        ans_tok = sample_ids(ans_log_p, self.answer_generator)  # [N]
+        ans_tok = sample_ids(ans_log_p, noise.answer)  # [N]
         in_delim = st.phase == DELIMITER
         in_answer = st.phase == ANSWER
         delim_tok = self.forced[st.think_end, st.delim_idx.clamp(max=self.forced.shape[1] - 1)]  # [N]
@@ -239,14 +247,58 @@ class _Stepper:
         _write(st.answer_ids, st.answer_len, tok, writing)
         _write(st.answer_action, st.answer_len, in_answer, writing)
         _write(st.answer_logprobs, st.answer_len, tok_lp, writing)
-        st.answer_len += writing.long()
-        st.delim_idx += in_delim.long()
-        st.sampled += in_answer.long()
+        st.answer_len.add_(writing.long())
+        st.delim_idx.add_(in_delim.long())
+        st.sampled.add_(in_answer.long())
         finished = in_answer & ((tok == self.eos_id) | (st.sampled >= self.cfg.max_answer_tokens))
-        st.phase = torch.where(in_delim & (st.delim_idx >= self.forced_len[st.think_end]), ANSWER, st.phase)
-        st.phase = torch.where(finished, DONE, st.phase)
-
+        st.phase.copy_(torch.where(in_delim & (st.delim_idx >= self.forced_len[st.think_end]), ANSWER, st.phase))
+        st.phase.copy_(torch.where(finished, DONE, st.phase))
+        # this step's input goes in the column after the last one fed, at the row's next position
+        st.attention_mask.index_fill_(1, st.column.clamp(max=st.attention_mask.shape[1] - 1).view(1), 1)
         return torch.where(thinking[:, None], act.inputs, self.embedding[tok])  # [N, d]
+
+    def advance(self, st: DecodeState) -> None:
+        """After the fed inputs went through the model: the next input goes one column and one position on."""
+        st.next_pos.add_(1)
+        st.column.add_(1)
+
+
+def prefill(
+    model: PreTrainedModel,
+    embedding: torch.Tensor,
+    prompt_ids: list[list[int]],
+    group_size: int,
+    pad_id: int,
+) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode each distinct prompt once (left-padded) and give each of its G samples a copy: (the cache [N rows],
+    the last logits [N, V] float32, the prompts [N, P], their mask [N, P])."""
+    unique_prompts, unique_mask = _left_pad(prompt_ids, pad_id, model.device)  # [B, P]
+    cache = DynamicCache(config=model.config)
+    out = model(
+        inputs_embeds=embedding[unique_prompts],  # [B, P, d]
+        attention_mask=unique_mask.long(),
+        position_ids=(unique_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [B, P]
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(group_size)  # [B, ...] -> [N, ...]
+    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # [N, V]
+    prompts = unique_prompts.repeat_interleave(group_size, dim=0)  # [N, P]
+    return cache, logits, prompts, unique_mask.repeat_interleave(group_size, dim=0)
+
+
+def check_request(group_size: int, sigma: float, cfg: CotConfig) -> None:
+    """The arguments every engine refuses alike."""
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}: must be >= 1")
+    if sigma < 0 or (sigma > 0 and not cfg.continuous):
+        raise ValueError(f"sigma={sigma} with cot.mode={cfg.mode}: need sigma >= 0, and 0 for hard")
+
+
+def decode_steps(cfg: CotConfig, stop: StopSpec) -> int:
+    """The most decode steps a row can take: T CoT inputs, the longest forced sequence F, A answer tokens."""
+    return cfg.max_think_tokens + max(len(f) for f in stop.forced.values()) + cfg.max_answer_tokens
 
 
 @torch.no_grad()
@@ -273,53 +325,19 @@ def generate(
     The record carries `cfg`'s mode, τ and filters (top_k / top_p / min_p, answer_top_p) and σ: the learner
     scores it only under the same ones.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size={group_size}: must be >= 1")
-    if sigma < 0 or (sigma > 0 and not cfg.continuous):
-        raise ValueError(f"sigma={sigma} with cot.mode={cfg.mode}: need sigma >= 0, and 0 for hard")
-    device = model.device
+    check_request(group_size, sigma, cfg)
     embedding = input_embedding_matrix(model)  # [V, d] model dtype
     emb32 = embedding.float()  # [V, d] float32 (the same tensor when the model is float32)
-
-    unique_prompts, unique_mask = _left_pad(prompt_ids, pad_id, device)  # [B, P]
-    prompts = unique_prompts.repeat_interleave(group_size, dim=0)  # [N, P]
-    prompt_mask = unique_mask.repeat_interleave(group_size, dim=0)  # [N, P]
+    cache, logits, prompts, prompt_mask = prefill(model, embedding, prompt_ids, group_size, pad_id)
     n, width = prompts.shape
-    t_max, a_max = cfg.max_think_tokens, cfg.max_answer_tokens
-    f_max = max(len(f) for f in stop.forced.values())
-    steps = t_max + f_max + a_max  # worst case: T CoT inputs, F forced tokens, A answer tokens
-
-    st = DecodeState.empty(
-        prompt_mask, steps, t_max, f_max + a_max, emb32.shape[1] if cfg.continuous else None
-    )
-    stepper = _Stepper(
-        cfg,
-        cot_action_fn(cfg, sigma),
-        emb32,
-        stop,
-        ThinkEndDetector(cfg, stop, eos_id, n, emb32.shape[0], device),
-        eos_id,
-        pad_id,
-        generator,
-        width,
-    )
-
-    cache = DynamicCache(config=model.config)
-    out = model(  # prefill the B prompts once, then give each of the G samples its copy
-        inputs_embeds=embedding[unique_prompts],  # [B, P, d]
-        attention_mask=unique_mask.long(),
-        position_ids=(unique_mask.long().cumsum(dim=1) - 1).clamp(min=0),  # [B, P]
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache.batch_repeat_interleave(group_size)  # [B, ...] -> [N, ...]
-    logits = out.logits[:, -1].float().repeat_interleave(group_size, dim=0)  # [N, V]
+    steps = decode_steps(cfg, stop)
+    st = DecodeState.empty(prompt_mask, steps, cfg, stop, emb32.shape[1])
+    detector = ThinkEndDetector(cfg, stop, eos_id, n, emb32.shape[0], model.device)
+    stepper = Stepper(cfg, sigma, emb32, stop, detector, eos_id, pad_id)
     for step in range(steps):
-        feed = stepper(st, logits, step)  # [N, d] float32
+        feed = stepper(st, logits, stepper.draw(n, generator))  # [N, d] float32
         if step == steps - 1 or ((step + 1) % check_every == 0 and bool((st.phase == DONE).all())):
             break
-        st.attention_mask[:, width + step] = 1
         out = model(
             inputs_embeds=feed[:, None].to(embedding.dtype),  # [N, 1, d]
             attention_mask=st.attention_mask[:, : width + step + 1],
@@ -327,12 +345,12 @@ def generate(
             cache=cache,
             use_cache=True,
         )
-        st.next_pos += 1
+        stepper.advance(st)
         logits = out.logits[:, -1].float()  # [N, V]
-    return _finish(st, cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
+    return finish(st, cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
 
 
-def _finish(
+def finish(
     st: DecodeState,
     cfg: CotConfig,
     prompts: torch.Tensor,

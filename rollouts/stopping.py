@@ -98,6 +98,7 @@ class StopSpec:
     delimiter: tuple[int, ...]  # ids rule: the id sequence matched on the stream; text rule: ()
     forced: dict[str, tuple[int, ...]]
     phrase_table: torch.Tensor | None = None  # text rule: [S+1, V] (`phrase_table`)
+    phrase: str = ""  # text rule: the phrase itself, when known (an engine that stops on strings needs it)
 
     def __post_init__(self) -> None:
         if self.stop_on not in STOP_RULES:
@@ -120,14 +121,16 @@ class StopSpec:
         return StopSpec("ids", tuple(delimiter), dict.fromkeys(THINK_END_REASONS, forced))
 
     @staticmethod
-    def on_text(table: torch.Tensor, capped: Sequence[int], prefill: Sequence[int] = ()) -> StopSpec:
+    def on_text(
+        table: torch.Tensor, capped: Sequence[int], prefill: Sequence[int] = (), phrase: str = ""
+    ) -> StopSpec:
         """The text rule with the phrase automaton `table`: force `prefill` after a phrase stop and `capped` (the
         phrase followed by the prefill, tokenized together) after any other stop."""
         if table.ndim != 2 or table.shape[0] < 2:
             raise ValueError(f"StopSpec.on_text: a phrase table is [S+1, V], got shape {tuple(table.shape)}")
         forced = dict.fromkeys(THINK_END_REASONS, tuple(capped))
         forced["phrase"] = tuple(prefill)
-        return StopSpec("text", (), forced, table)
+        return StopSpec("text", (), forced, table, phrase)
 
     @staticmethod
     def from_tokenizer(tokenizer: Any, think_end: str, stop_on: str = "ids", prefill: str = "") -> StopSpec:
@@ -144,7 +147,7 @@ class StopSpec:
         if stop_on != "text":
             raise ValueError(f"stop_on={stop_on!r}: expected one of {STOP_RULES}")
         return StopSpec.on_text(
-            tokenizer_phrase_table(tokenizer, think_end), ids(think_end + prefill), ids(prefill)
+            tokenizer_phrase_table(tokenizer, think_end), ids(think_end + prefill), ids(prefill), think_end
         )
 
     def forced_table(self, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,11 +236,12 @@ class ThinkEndDetector:
         return reason
 
     def record(self, stream_ids: torch.Tensor, step_entropy: torch.Tensor, fed: torch.Tensor) -> None:
-        """Account for the rows in `fed` [N] bool that just recorded a CoT step."""
+        """Account for the rows in `fed` [N] bool that just recorded a CoT step (in place: the state tensors keep
+        their addresses, see rollouts.engine.Stepper)."""
         if self.window.shape[1]:
             shifted = torch.cat([self.window[:, 1:], stream_ids[:, None]], dim=1)  # [N, D-1]
-            self.window = torch.where(fed[:, None], shifted, self.window)
+            self.window.copy_(torch.where(fed[:, None], shifted, self.window))
         colder = torch.where(step_entropy < self.threshold, self.cold + 1, 0)
-        self.cold = torch.where(fed, colder, self.cold)
+        self.cold.copy_(torch.where(fed, colder, self.cold))
         if self.table is not None:
-            self.state = torch.where(fed, self.table[self.state, stream_ids], self.state)
+            self.state.copy_(torch.where(fed, self.table[self.state, stream_ids], self.state))

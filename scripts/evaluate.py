@@ -28,6 +28,7 @@ from rl.model import load_policy, read_profile
 from rl.runtime import resolve_device, seed_everything
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
 from rollouts.engine import input_embedding_matrix
+from rollouts.engines import build_engine
 from rollouts.record import Rollout
 from rollouts.trace import TracedSample, trace_page, trace_sample
 
@@ -49,6 +50,8 @@ def main(raw) -> None:
     profile = read_profile(cfg.model.path)
     rms = profile.embedding_rms if profile else embedding_rms_by_kind(input_embedding_matrix(model))
     sigma = sigma_from_rms(cfg.infer, rms)
+    engine, note = build_engine(cfg.engine, model, key="engine", modes=[cfg.infer], vllm_model=cfg.model.path)
+    print(f"[softgrpo] {note}", flush=True)
     with RewardPool(cfg.reward) as pool:
         rows, summary, kept = evaluate_mode(
             model,
@@ -62,6 +65,7 @@ def main(raw) -> None:
             seed=cfg.seed,
             batch_size=cfg.batch_size,
             keep=cfg.trace_problems,
+            engine=engine,
         )
     traced = trace_first(model, problems, kept, rows, cfg)
     out = write_outputs(cfg.output_dir, rows, summary, OmegaConf.to_yaml(raw, resolve=True))

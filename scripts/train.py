@@ -29,6 +29,7 @@ from rl.parallel import build_parallel
 from rl.rundir import config_yaml, plan_run
 from rl.runtime import seed_everything
 from rl.trainer import RunParts, Trainer
+from rollouts.engines import build_engine
 
 register_configs()
 
@@ -66,7 +67,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     ref = None
     if cfg.rl.loss.kl_coef > 0:
         ref = load_policy(cfg.model, parallel.device)[0].eval().requires_grad_(False)
-    parts = RunParts(plan, parallel, model, tokenizer, ref, train_problems, eval_problems, modes)
+    engine, note = build_engine(
+        tcfg.engine, model, key="trainer.engine", modes=[cfg.cot, *modes.values()], sharding=parallel.sharding
+    )
+    if parallel.main:
+        print(f"[softgrpo] {note}", flush=True)
+    parts = RunParts(plan, parallel, model, tokenizer, ref, train_problems, eval_problems, modes, engine)
     return Trainer(cfg, parts)
 
 

@@ -230,7 +230,8 @@ def test_noise_per_coordinate_std() -> None:
     n, v, d, sigma = 20000, 16, 8, 0.37
     emb = torch.randn(v, d)
     log_p = torch.log_softmax(torch.randn(n, v), dim=-1)  # [n, V]
-    act = continuous_action(sigma)(log_p, emb, torch.Generator().manual_seed(0))
+    eps = torch.randn((n, d), generator=torch.Generator().manual_seed(0))  # [n, d]
+    act = continuous_action(sigma)(log_p, emb, eps)
     noise = act.inputs - mixture_mean(log_p.exp(), emb)  # [n, d]
     std = noise.std(dim=0)  # [d]
     assert ((std / sigma - 1).abs() < 0.03).all(), std / sigma
