@@ -6,7 +6,10 @@ and evaluate.py):
   cache layers are all full attention, where torch.compile can build kernels.
 - `vllm`: hard-token evaluation through vLLM (rollouts/vllm_engine.py); evaluate.py only, hard modes only.
 - `auto`: the fastest one that supports the run, saying which and why: vLLM for a hard-mode evaluation on CUDA
-  when vLLM is installed, else static when the model and platform support it, else eager.
+  when vLLM is installed, else static on CUDA when the model supports it, else eager. On CPU auto is eager:
+  there the static engine decodes 1.3-1.8x faster but compiles for 30-60 s per shape and CoT structure on a cold
+  cache (scripts/bench_rollout.py), which a run as short as the default does not earn back; `engine=static`
+  forces it.
 
 Every engine has `generate` with the eager engine's arguments and returns the same `Rollouts` record, so the
 trainer and the evaluator call it without asking which it is.
@@ -91,6 +94,8 @@ def build_engine(
                 return VllmEngine.load(vllm_model), f"{key}=auto: vllm (hard-token modes on CUDA)"
     if name in ("auto", "static"):
         reason = static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
+        if name == "auto" and reason is None and model.device.type != "cuda":
+            reason = "on CPU the static engine's compile time outweighs its speed-up in short runs; engine=static forces it"
         if reason is None:
             from rollouts.static_engine import StaticEngine
 

@@ -184,10 +184,10 @@ class StaticEngine:
         # one compiled variant per (CoT structure, bucket); torch's default limit of 8 would silently fall back to
         # eager after the 8th (a six-mode evaluation plus training reaches it)
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
-        self._step = torch.compile(_step, fullgraph=True, dynamic=False) if compile else _step
-        self._forward_default = torch.compile(_forward, fullgraph=True, dynamic=False) if compile else _forward
+        self._step = torch.compile(_step, fullgraph=True, dynamic=None) if compile else _step
+        self._forward_default = torch.compile(_forward, fullgraph=True, dynamic=None) if compile else _forward
         self._forward_cuda = (
-            torch.compile(_forward, fullgraph=True, dynamic=False, mode="reduce-overhead") if compile else _forward
+            torch.compile(_forward, fullgraph=True, dynamic=None, mode="reduce-overhead") if compile else _forward
         )
 
     def _slot(self, model: PreTrainedModel, rows: int, columns: int) -> _Slot:
