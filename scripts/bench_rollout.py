@@ -1,14 +1,18 @@
-"""Rollout throughput: the eager engine in hard, soft and fuzzy mode on one model and batch, and Hugging Face
-`model.generate()` on the same hard workload as the baseline. Prints one JSON object.
+"""Rollout throughput: the eager and the static engine in hard, soft and fuzzy mode on one model and batch, and
+Hugging Face `model.generate()` on the same hard workload as the baseline (with its dynamic cache, and with its
+static cache, which transformers compiles). Prints one JSON object; `--out F` also writes it to F.
 
-    python scripts/bench_rollout.py                                   # random tiny Llama, CPU
-    python scripts/bench_rollout.py --preset qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 64
-    python scripts/bench_rollout.py --model path/to/checkpoint --new-tokens 256
+    python scripts/bench_rollout.py --model .cache/tiny_base --threads 2 --batch 128 --prompt-len 24 --new-tokens 48
+    python scripts/bench_rollout.py --preset qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 64 \
+        --prompt-len 128 --new-tokens 256
 
 Workload: every row decodes exactly `--new-tokens` CoT steps (the think-end delimiter is 4 ids that a random
-model does not emit in that order), then the 4 forced delimiter tokens and 1 answer token; `generate()` samples the
-same number of tokens per row (τ = 1, no top-k, EOS disabled). Times are the median of `--repeats` runs after a
-warm-up run; on CUDA every run is bracketed by `torch.cuda.synchronize()`.
+model does not emit in that order, EOS is off), then the 4 forced delimiter tokens and 1 answer token;
+`generate()` samples the same number of tokens per row (τ = 1, no top-k, EOS disabled). Every engine and mode
+runs once cold, then `--repeats` times: `compile_s` is the cold run's excess over the median warm run (the
+static engine's torch.compile, transformers' for its static cache; on a fresh inductor cache it is the first
+compile, on a warm one much less), `tokens_per_s` the warm median. On CUDA every run is bracketed by
+`torch.cuda.synchronize()`. Ratios compare engines measured in this same process.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import torch
@@ -24,7 +29,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, Qwe
 
 from rollouts.config import CotConfig
 from rollouts.distributions import noise_sigma
-from rollouts.engine import generate, input_embedding_matrix
+from rollouts.engine import input_embedding_matrix
+from rollouts.engines import EagerEngine
+from rollouts.static_engine import StaticEngine
 from rollouts.stopping import StopSpec
 
 PRESETS = {
@@ -39,7 +46,7 @@ PRESETS = {
         max_position_embeddings=4096,
         tie_word_embeddings=True,
     ),
-    # Qwen2.5-0.5B's shapes with random weights, for GPU runs without a download
+    # real models' shapes with random weights, for GPU runs without a download
     "qwen2.5-0.5b": lambda: Qwen2Config(
         vocab_size=151936,
         hidden_size=896,
@@ -51,6 +58,30 @@ PRESETS = {
         tie_word_embeddings=True,
         rope_theta=1000000.0,
         use_sliding_window=False,
+    ),
+    "qwen2.5-1.5b": lambda: Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+    ),
+    "llama-3.2-3b": lambda: LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=28,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
     ),
 }
 DELIMITER_LEN = 4
@@ -67,6 +98,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    p.add_argument("--out", help="also write the JSON report to this file")
     return p.parse_args()
 
 
@@ -82,20 +114,69 @@ def build_model(args: argparse.Namespace) -> tuple[PreTrainedModel, str]:
     return model.to(args.device).eval(), name
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median wall seconds of `fn()` over `repeats` runs, after one warm-up run."""
+def timed(fn, device: str, repeats: int) -> tuple[object, float, float]:
+    """(the first run's result, its seconds (cold), the median seconds of `repeats` warm runs) of `fn()`."""
 
-    def once() -> float:
+    def once() -> tuple[object, float]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        fn()
+        result = fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return result, time.perf_counter() - start
 
-    once()
-    return statistics.median(once() for _ in range(repeats))
+    result, cold = once()
+    return result, cold, statistics.median(once()[1] for _ in range(repeats))
+
+
+MODES = {
+    "hard": CotConfig(mode="hard", temperature=1.0),
+    "soft": CotConfig(mode="soft", temperature=0.5, noise_scale=0.33),
+    "fuzzy": CotConfig(mode="fuzzy", temperature=1e-4, noise_scale=0.33),
+}
+
+
+def bench_engines(model: PreTrainedModel, prompts: torch.Tensor, args: argparse.Namespace) -> dict:
+    """{engine: {mode: (tokens, cold s, warm s)}} for the eager and the static engine."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    stop = StopSpec.on_ids(tuple(range(vocab - DELIMITER_LEN, vocab)))
+    out: dict = {}
+    for engine in (EagerEngine(), StaticEngine()):
+        out[engine.name] = {}
+        for mode, base in MODES.items():
+            cfg = CotConfig(**{**vars(base), "max_think_tokens": args.new_tokens, "max_answer_tokens": 1})
+            sigma = noise_sigma(input_embedding_matrix(model), cfg)
+            gen = torch.Generator(device=args.device)
+
+            def run(cfg=cfg, sigma=sigma, gen=gen, engine=engine):
+                gen.manual_seed(0)
+                return engine.generate(
+                    model, prompts.tolist(), cfg, group_size=1, sigma=sigma, stop=stop, eos_id=-1, pad_id=0,
+                    generator=gen,
+                )  # fmt: skip
+
+            r, cold, warm = timed(run, args.device, args.repeats)
+            out[engine.name][mode] = (int((r.cot_lengths + r.answer_lengths).sum()), cold, warm)
+    return out
+
+
+def bench_generate(model: PreTrainedModel, prompts: torch.Tensor, per_row: int, args: argparse.Namespace) -> dict:
+    """{variant: (tokens, cold s, warm s)} for HF generate() with its dynamic and its (compiled) static cache."""
+    ids = prompts.to(args.device)
+    mask = torch.ones_like(ids)
+    out = {}
+    for variant, cache in (("hf_generate", None), ("hf_generate_static", "static")):
+
+        def run(cache=cache):
+            return model.generate(
+                ids, attention_mask=mask, max_new_tokens=per_row, min_new_tokens=per_row, do_sample=True,
+                temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0, cache_implementation=cache,
+            )  # fmt: skip
+
+        ids_out, cold, warm = timed(run, args.device, args.repeats)
+        out[variant] = (int(ids_out[:, args.prompt_len :].numel()), cold, warm)
+    return out
 
 
 def main() -> None:
@@ -104,60 +185,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, name = build_model(args)
     vocab = model.get_input_embeddings().weight.shape[0]
-    prompts = torch.randint(
-        3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)
-    )
-    delimiter = tuple(range(vocab - DELIMITER_LEN, vocab))
-    modes = {
-        "hard": CotConfig(mode="hard", temperature=1.0),
-        "soft": CotConfig(mode="soft", temperature=0.5, noise_scale=0.33),
-        "fuzzy": CotConfig(mode="fuzzy", temperature=1e-4, noise_scale=0.33),
-    }
-    seconds, tokens = {}, {}
-    for mode, base in modes.items():
-        cfg = CotConfig(**{**vars(base), "max_think_tokens": args.new_tokens, "max_answer_tokens": 1})
-        sigma = noise_sigma(input_embedding_matrix(model), cfg)
-        gen = torch.Generator(device=args.device)
+    prompts = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    engines = bench_engines(model, prompts, args)
+    per_row = engines["eager"]["hard"][0] // args.batch
+    baseline = bench_generate(model, prompts, per_row, args)
 
-        def run(cfg=cfg, sigma=sigma, gen=gen):
-            gen.manual_seed(0)
-            return generate(
-                model,
-                prompts.tolist(),
-                cfg,
-                group_size=1,
-                sigma=sigma,
-                stop=StopSpec.on_ids(delimiter),
-                eos_id=-1,
-                pad_id=0,
-                generator=gen,
-            )
+    def rate(entry) -> float:
+        return entry[0] / entry[2]
 
-        r = run()
-        tokens[mode] = int((r.cot_lengths + r.answer_lengths).sum())
-        seconds[mode] = timed(run, args.device, args.repeats)
-
-    per_row = tokens["hard"] // args.batch
-    ids = prompts.to(args.device)
-    mask = torch.ones_like(ids)
-
-    def hf_generate():
-        return model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=per_row,
-            min_new_tokens=per_row,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-
-    tokens["hf_generate"] = int(hf_generate()[:, args.prompt_len :].numel())
-    seconds["hf_generate"] = timed(hf_generate, args.device, args.repeats)
-
+    tokens_per_s = {e: {m: round(rate(v), 1) for m, v in modes.items()} for e, modes in engines.items()}
+    tokens_per_s.update({k: round(rate(v), 1) for k, v in baseline.items()})
+    compile_s = {e: {m: round(v[1] - v[2], 2) for m, v in modes.items()} for e, modes in engines.items()}
+    compile_s.update({k: round(v[1] - v[2], 2) for k, v in baseline.items()})
     report = {
         "model": name,
         "device": args.device,
@@ -166,15 +205,26 @@ def main() -> None:
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens_per_row": per_row,
-        "seconds": {k: round(v, 4) for k, v in seconds.items()},
-        "tokens_per_s": {k: round(tokens[k] / seconds[k], 1) for k in seconds},
+        "tokens_per_s": tokens_per_s,
+        "warm_seconds": {e: {m: round(v[2], 4) for m, v in modes.items()} for e, modes in engines.items()},
+        "compile_s": compile_s,
         "ratios": {
-            "soft_over_hard_time": round(seconds["soft"] / seconds["hard"], 3),
-            "fuzzy_over_hard_time": round(seconds["fuzzy"] / seconds["hard"], 3),
-            "engine_hard_over_generate_time": round(seconds["hard"] / seconds["hf_generate"], 3),
+            "static_over_eager_tokens_per_s": {
+                m: round(rate(engines["static"][m]) / rate(engines["eager"][m]), 3) for m in MODES
+            },
+            "soft_over_hard_time": {
+                e: round(engines[e]["soft"][2] / engines[e]["hard"][2], 3) for e in engines
+            },
+            "static_soft_over_generate_static_tokens_per_s": round(
+                rate(engines["static"]["soft"]) / rate(baseline["hf_generate_static"]), 3
+            ),
+            "eager_hard_over_generate_time": round(engines["eager"]["hard"][2] / baseline["hf_generate"][2], 3),
         },
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":
