@@ -12,6 +12,7 @@ training curves and its pass@k before and after.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -197,7 +198,10 @@ def _problem_rows(
                         "reward": results[i].reward,
                         "status": results[i].status,
                         "think_end": samples[i].think_end,
-                        "cot_entropy": samples[i].cot_entropy,  # H(p_t) per CoT step, nats
+                        # H(p_t) per CoT step, nats; null when the engine cannot know it (vllm)
+                        "cot_entropy": None
+                        if any(math.isnan(h) for h in samples[i].cot_entropy)
+                        else samples[i].cot_entropy,
                     }
                     for i in mine
                 ],
@@ -218,7 +222,9 @@ def _summarize(
     every = [s for row in rows for s in row["samples"]]
     reasons = Counter(s["think_end"] for s in every)
     per_problem = [[s["reward"] for s in row["samples"]] for row in rows]
-    entropy_mean, entropy_count = entropy_by_position([s["cot_entropy"] for s in every])
+    entropy_mean, entropy_count = entropy_by_position(
+        [s["cot_entropy"] for s in every if s["cot_entropy"] is not None]
+    )
     return ModeSummary(
         mode=mode,
         n=n,

@@ -11,7 +11,8 @@ Each batch is two vLLM calls, mirroring the eager engine's phases (rollouts/engi
    temperature / top-p, at most A tokens, ending at EOS (kept, as an action).
 
 What vLLM does not give: the CoT entropy H(p_t) (it returns top-k log-probs, not the distribution), so
-`cot_entropy` is NaN and evaluation writes `cot_entropy: null` for these samples; the entropy cold stop cannot be
+`cot_entropy` is NaN in the record, evaluation writes `cot_entropy: null` for these samples and leaves them out
+of the entropy profile; the entropy cold stop cannot be
 applied (refused), nor a multi-token ids delimiter (refused: vLLM stops on strings or single ids, not on an id
 sequence). Log-probs are vLLM's (`logprobs_mode` decides whether they are raw or processed). The supported vLLM
 range is pinned in pyproject.toml's `vllm` extra; this machine cannot install vLLM, so the adapter is tested
@@ -43,6 +44,11 @@ def vllm_reason(model_dir: str | None, modes: list[CotConfig], device: torch.dev
     cold = [m.name for m in modes if m.entropy_stop_threshold > 0]
     if cold:
         return f"{cold} use the entropy cold stop, which needs H(p_t) at every step; vLLM does not return it"
+    for m in modes:  # vLLM filters after the temperature, the engine before it: equal only at τ in {0, 1}
+        if (m.top_p < 1 or m.min_p > 0) and m.temperature not in (0, 1) or (
+            m.answer_top_p < 1 and m.answer_temperature not in (0, 1)
+        ):
+            return f"{m.name}: top-p / min-p at a temperature other than 0 or 1 filter a different distribution in vLLM"
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed (pip install -e '.[vllm]')"
     if device.type != "cuda":
@@ -63,8 +69,9 @@ class CotOutcome:
 def cot_outcome(
     tokens: list[int], top1: list[int], logprobs: list[float], stop: StopSpec, eos_id: int, max_think: int
 ) -> CotOutcome:
-    """The CoT of a sample whose generated tokens are `tokens`, by the engine's check at each step t (module doc
-    of rollouts/stopping.py): phrase seen in tokens[:t] / token t is the delimiter, token t is EOS, t = cap.
+    """The CoT of a sample whose generated tokens are `tokens` (the stop token or EOS that ended the request
+    included: `stopped_tokens`), by the engine's check at each step t (module doc of rollouts/stopping.py):
+    phrase seen in tokens[:t] / token t is the delimiter, token t is EOS, t = cap.
 
     >>> spec = StopSpec.on_ids([9])
     >>> cot_outcome([4, 5, 9, 7], [4, 5, 9, 7], [0.0] * 4, spec, eos_id=2, max_think=8).reason
@@ -80,7 +87,7 @@ def cot_outcome(
         if table is not None and state == accept:
             reason = "phrase"
         elif t == len(tokens):
-            reason = "eos"  # vLLM stopped at EOS and left it out of token_ids
+            reason = "max_tokens"  # the request ended short of every rule (a model length limit, an abort)
         elif stop.delimiter and tokens[t] == stop.delimiter[0]:
             reason = "token"
         elif tokens[t] == eos_id:
@@ -95,10 +102,26 @@ def cot_outcome(
     raise AssertionError("unreachable: the loop returns at t = len(tokens) at the latest")
 
 
+def stopped_tokens(sample: Any, eos_id: int) -> list[int]:
+    """A vLLM CompletionOutput's generated tokens with the token that stopped it at the end, whether this vLLM
+    kept it in `token_ids` or not: the stop token id (`stop_reason` an int) or EOS (`finish_reason` "stop" with
+    no `stop_reason`). A stop string's tokens are always in `token_ids`."""
+    tokens = list(sample.token_ids)
+    if sample.finish_reason == "stop":
+        last = eos_id if sample.stop_reason is None else sample.stop_reason
+        if isinstance(last, int) and tokens[-1:] != [last]:
+            tokens.append(last)
+    return tokens
+
+
 def _token_logprobs(sample: Any, tokens: list[int]) -> tuple[list[float], list[int]]:
-    """(log-prob of each generated token, top-1 token at each step) from a vLLM CompletionOutput's `logprobs`
-    (per step a dict token id -> Logprob with `.logprob` and `.rank`); NaN / the token itself when absent."""
-    steps = sample.logprobs or [None] * len(tokens)
+    """(log-prob of each token, top-1 token at each step) from a vLLM CompletionOutput's `logprobs` (per step a
+    dict token id -> Logprob with `.logprob` and `.rank`). A stop token vLLM left out of `token_ids` (appended by
+    `stopped_tokens`) has no entry: NaN, and itself as top-1."""
+    given = list(sample.logprobs or [])
+    if not given and sample.token_ids:
+        raise ValueError("vLLM returned no logprobs although the request asked for them")
+    steps = given + [None] * (len(tokens) - len(given))
     lps, top1 = [], []
     for tok, step in zip(tokens, steps, strict=False):
         if not step:
@@ -149,7 +172,9 @@ class VllmEngine:
             raise ValueError("the vllm engine needs the tokenizer (to decode the answers)")
         if stop.stop_on == "text" and not stop.phrase:
             raise ValueError("the vllm engine stops on the phrase's text: build the StopSpec with its phrase")
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        if len(stop.delimiter) > 1:
+            raise ValueError("the vllm engine supports a single-token ids delimiter only (vLLM stops on ids, not id sequences)")
+        cot_seed, answer_seed = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=generator.device).tolist()
         cot_params = self._params(
             n=group_size,
             temperature=cfg.temperature,
@@ -161,34 +186,34 @@ class VllmEngine:
             stop_token_ids=list(stop.delimiter),
             include_stop_str_in_output=True,
             logprobs=1,
-            seed=seed,
+            seed=cot_seed,
             skip_special_tokens=False,
         )
         cot_out = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], cot_params, use_tqdm=False)
         outcomes, bodies = [], []
         for prompt, request in zip(prompt_ids, cot_out, strict=True):
             for sample in request.outputs:
-                tokens = list(sample.token_ids)
+                tokens = stopped_tokens(sample, eos_id)
                 lps, top1 = _token_logprobs(sample, tokens)
                 o = cot_outcome(tokens, top1, lps, stop, eos_id, cfg.max_think_tokens)
                 outcomes.append(o)
                 bodies.append({"prompt_token_ids": prompt + o.cot + list(stop.forced[o.reason])})
-        answer_params = self._params(
-            n=1,
-            temperature=cfg.answer_temperature,
-            top_p=cfg.answer_top_p,
-            max_tokens=cfg.max_answer_tokens,
-            logprobs=0,
-            seed=seed + 1,
-            skip_special_tokens=False,
-        )
+        answer_params = [  # one seed per answer: samples that share a CoT draw independent answers
+            self._params(
+                n=1,
+                temperature=cfg.answer_temperature,
+                top_p=cfg.answer_top_p,
+                max_tokens=cfg.max_answer_tokens,
+                logprobs=0,
+                seed=answer_seed + i,
+                skip_special_tokens=False,
+            )
+            for i in range(len(bodies))
+        ]
         answers = []
         for request in self.llm.generate(bodies, answer_params, use_tqdm=False):
             sample = request.outputs[0]
-            tokens = list(sample.token_ids)
-            if sample.finish_reason == "stop" and sample.stop_reason is None and tokens[-1:] != [eos_id]:
-                tokens.append(eos_id)  # ended at EOS, which this vLLM left out of token_ids
-            tokens = tokens[: cfg.max_answer_tokens]
+            tokens = stopped_tokens(sample, eos_id)[: cfg.max_answer_tokens]
             answers.append((tokens, _token_logprobs(sample, tokens)[0]))
         prompts = [p for p in prompt_ids for _ in range(group_size)]
         return _record(prompts, outcomes, answers, stop, cfg, group_size, pad_id, tokenizer)

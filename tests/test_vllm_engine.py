@@ -19,6 +19,13 @@ vLLM's documented behaviour (not from how the adapter reads it):
   unprocessed logits); `logprobs=None` gives `logprobs=None`.
 - `include_stop_token`: whether the token that stopped the request (EOS or a stop id) is kept in `token_ids` (and
   its log-prob entry). Current vLLM keeps it; the adapter says it does not depend on it, so both are tested.
+
+What is tested: hard_greedy through `evaluate_mode` on the trained tiny base gives the eager engine's rows
+(all but `cot_entropy`, which vLLM cannot give); every stop rule (a phrase crossing a token boundary, a
+one-token delimiter, EOS, the cap, each also at exactly step T) and the answer's EOS give the eager record on a
+toy vocabulary; `cot_outcome` reads each reason in the documented priority order; hard_sample's record has the
+engines' format and the vLLM requests carry n = G and the answer's temperature; and what vLLM cannot do is
+refused, with the reason named.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from rollouts.engines import EagerEngine
 from rollouts.record import THINK_END_REASONS, Rollouts
 from rollouts.replay import replay
 from rollouts.stopping import StopSpec, phrase_table
-from rollouts.vllm_engine import VllmEngine, cot_outcome, vllm_reason
+from rollouts.vllm_engine import VllmEngine, cot_outcome, stopped_tokens, vllm_reason
 from rollouts.vllm_engine import __doc__ as vllm_engine_doc
 from tests.arch import one_thread, tiny_causal_lm  # noqa: F401 (fixture)
 
@@ -132,16 +139,18 @@ class FakeSamplingParams:
 
 class FakeLLM:
     """`vllm.LLM` on a Hugging Face causal LM: token-by-token decoding with full forwards (the models are tiny).
-    Every `generate` call is kept in `calls` as (prompts, sampling params)."""
+    `sampling_params` is one SamplingParams or one per prompt, as in vLLM. Every request is kept in `requests`
+    as (prompt token ids, its sampling params), in the order received."""
 
     def __init__(self, model: Any, tokenizer: Any, eos_id: int, include_stop_token: bool = True):
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
         self.include_stop_token = include_stop_token
-        self.calls: list[tuple[list[dict[str, list[int]]], FakeSamplingParams]] = []
+        self.requests: list[tuple[list[int], FakeSamplingParams]] = []
 
     def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True) -> list[FakeRequestOutput]:
-        if not isinstance(sampling_params, FakeSamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts) or not all(isinstance(sp, FakeSamplingParams) for sp in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of one per prompt")
         if not isinstance(prompts, list) or not all(
             isinstance(p, dict) and set(p) == {"prompt_token_ids"} for p in prompts
         ):
@@ -150,16 +159,16 @@ class FakeLLM:
             ids = p["prompt_token_ids"]
             if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise TypeError(f"prompt_token_ids must be a non-empty list of ints, got {ids!r}")
-        self.calls.append(([{"prompt_token_ids": list(p["prompt_token_ids"])} for p in prompts], sampling_params))
+        self.requests += [(list(p["prompt_token_ids"]), sp) for p, sp in zip(prompts, params, strict=True)]
         return [
             FakeRequestOutput(
                 request_id=str(r),
                 prompt=None,
                 prompt_token_ids=list(p["prompt_token_ids"]),
                 prompt_logprobs=None,
-                outputs=[self._complete(p["prompt_token_ids"], sampling_params, i) for i in range(sampling_params.n)],
+                outputs=[self._complete(p["prompt_token_ids"], sp, i) for i in range(sp.n)],
             )
-            for r, p in enumerate(prompts)
+            for r, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
 
     def _next_token(self, logits: torch.Tensor, sp: FakeSamplingParams, gen: torch.Generator) -> int:
@@ -301,7 +310,8 @@ def test_hard_greedy_evaluation_rows_equal_eager(base: Base, include_stop_token:
     # the same rows for the trained tiny model: same top-1 CoT ids, answer ids, judged text, reward, status and
     # think-end reason for every sample, and the same summary (pass@k, lengths, reasons, statuses). The one
     # documented exception is `cot_entropy`: vLLM returns top-k log-probs, not p_t, so the adapter records NaN
-    # at every CoT step (module doc of rollouts/vllm_engine.py), and the entropy profile is NaN where defined.
+    # at every CoT step (module doc of rollouts/vllm_engine.py). Here a row may carry either that NaN per step or
+    # the documented `null` (checked strictly in the next test), never a number; the entropy profile likewise.
     eager_rows, eager_summary, _ = base.eager
     llm = FakeLLM(base.model, base.tokenizer, base.tokenizer.eos_token_id, include_stop_token)
     rows, summary, _ = evaluate(base, VllmEngine(llm, FakeSamplingParams))
@@ -316,14 +326,16 @@ def test_hard_greedy_evaluation_rows_equal_eager(base: Base, include_stop_token:
             assert {k: v for k, v in s.items() if k != "cot_entropy"} == {
                 k: v for k, v in e.items() if k != "cot_entropy"
             }
-            assert len(s["cot_entropy"]) == len(s["cot_top1_ids"]) and all(math.isnan(h) for h in s["cot_entropy"])
+            h = s["cot_entropy"]
+            assert h is None or (len(h) == len(s["cot_top1_ids"]) and all(math.isnan(x) for x in h)), h
     for name in ("mode", "n", "problems", "pass_at", "mean_cot_len", "mean_answer_len", "think_end",
-                 "reward_status", "sigma", "per_problem_pass1", "samples_at_position"):  # fmt: skip
+                 "reward_status", "sigma", "per_problem_pass1"):  # fmt: skip
         assert getattr(summary, name) == getattr(eager_summary, name), name
-    assert all(math.isnan(h) for h in summary.cot_entropy_by_position)
+    assert all(math.isnan(h) for h in summary.cot_entropy_by_position)  # NaN, or empty: no made-up profile
+    assert summary.samples_at_position in ([], eager_summary.samples_at_position)
     assert "`cot_entropy` is NaN" in vllm_engine_doc  # and the adapter says so
-    # one vLLM CoT request and one answer request per batch of 4 problems, 1 sample each (deterministic mode)
-    assert len(llm.calls) == 4 and [c[1].n for c in llm.calls] == [1, 1, 1, 1]
+    # a CoT request and an answer request per problem, 1 sample each (a deterministic mode is rolled out once)
+    assert len(llm.requests) == 2 * K and all(sp.n == 1 for _, sp in llm.requests)
 
 
 def test_evaluation_writes_null_cot_entropy_for_vllm_samples(base: Base, tmp_path: Path) -> None:
@@ -463,10 +475,13 @@ def run_both(
     return ours, eager, llm
 
 
-def assert_same_record(ours: Rollouts, eager: Rollouts) -> None:
+def assert_same_record(ours: Rollouts, eager: Rollouts, dropped_eos: int | None = None) -> None:
     """Token for token the eager record; log-probs to float32 rounding (the eager engine runs a left-padded
     batch on a KV cache, the stand-in full unpadded forwards: ~1e-6 apart); the CoT entropy is NaN on every real
-    CoT step (vLLM does not return it, module doc of rollouts/vllm_engine.py) and 0 past the CoT."""
+    CoT step (vLLM does not return it, module doc of rollouts/vllm_engine.py) and 0 past the CoT.
+    `dropped_eos`: the EOS id when vLLM left the stopping token out of token_ids and logprobs; the adapter then
+    cannot know the answer EOS's log-prob, which may be NaN (`_token_logprobs`: "NaN ... when absent"), never
+    another number."""
     for name in (
         "prompt_ids", "prompt_mask", "group_index", "cot_ids", "cot_top1_ids", "cot_mask",
         "answer_ids", "answer_mask", "answer_action_mask",
@@ -475,7 +490,10 @@ def assert_same_record(ours: Rollouts, eager: Rollouts) -> None:
     reasons = lambda r: [THINK_END_REASONS[i] for i in r.think_end.tolist()]
     assert reasons(ours) == reasons(eager)
     torch.testing.assert_close(ours.cot_logprobs, eager.cot_logprobs, atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours.answer_logprobs, eager.answer_logprobs, atol=1e-4, rtol=0)
+    known = ~torch.isnan(ours.answer_logprobs)
+    may_be_unknown = ours.answer_action_mask & (ours.answer_ids == dropped_eos)
+    assert (known | may_be_unknown).all(), "NaN answer log-prob where vLLM gave one"
+    torch.testing.assert_close(ours.answer_logprobs[known], eager.answer_logprobs[known], atol=1e-4, rtol=0)
     assert ours.answer_texts == eager.answer_texts
     assert torch.isnan(ours.cot_entropy[ours.cot_mask]).all()
     assert (ours.cot_entropy[~ours.cot_mask] == 0).all()
@@ -504,17 +522,19 @@ def test_phrase_rule_equals_eager(case: str, include_stop_token: bool) -> None:
     stop = StopSpec.from_tokenizer(tok, phrase, "text", prefill=" #") if case != "cap" else never_phrase(tok)
     cfg = hard(max_think_tokens=t_cap)
     ours, eager, llm = run_both(cfg, stop, tok, include_stop_token)
+    dropped = None if include_stop_token else tok.eos_token_id
     assert THINK_END_REASONS[int(eager.think_end[0])] == expect  # the premise of the case
     if case == "phrase":
         assert int(eager.cot_lengths[0]) == j + 1
-    assert_same_record(ours, eager)
-    (cot_prompts, cot_params), (answer_prompts, answer_params) = llm.calls
-    assert cot_params.stop == [stop.phrase] and cot_params.include_stop_str_in_output
-    assert cot_params.max_tokens == t_cap + 1 and cot_params.stop_token_ids == []
+    assert_same_record(ours, eager, dropped)
+    cot_requests, answer_requests = llm.requests[: len(PROMPTS)], llm.requests[len(PROMPTS) :]
+    for prompt, (ids, sp) in zip(PROMPTS, cot_requests, strict=True):
+        assert ids == prompt and sp.stop == [stop.phrase] and sp.include_stop_str_in_output
+        assert sp.max_tokens == t_cap + 1 and sp.stop_token_ids == [] and not sp.skip_special_tokens
     forced = [list(stop.forced[r]) for r in (THINK_END_REASONS[i] for i in ours.think_end.tolist())]
     assert forced[0] == list(stop.forced[expect])
-    for s, body, f in zip(ours.samples(), answer_prompts, forced, strict=True):
-        assert body["prompt_token_ids"] == s.prompt_ids + s.cot_ids + f  # the answer continues prompt+CoT+forced
+    for s, (body, _), f in zip(ours.samples(), answer_requests, forced, strict=True):
+        assert body == s.prompt_ids + s.cot_ids + f  # the answer continues prompt + CoT + forced tokens
 
 
 @pytest.mark.parametrize("include_stop_token", [True, False], ids=["stop-token-kept", "stop-token-dropped"])
@@ -529,8 +549,9 @@ def test_eos_in_the_cot_equals_eager(at_cap: bool, include_stop_token: bool) -> 
     stop = never_phrase(tok)
     cfg = hard(max_think_tokens=k if at_cap else 16)
     ours, eager, _ = run_both(cfg, stop, tok, include_stop_token)
+    dropped = None if include_stop_token else tok.eos_token_id
     assert THINK_END_REASONS[int(eager.think_end[0])] == "eos" and int(eager.cot_lengths[0]) == k
-    assert_same_record(ours, eager)
+    assert_same_record(ours, eager, dropped)
 
 
 @pytest.mark.parametrize("include_stop_token", [True, False], ids=["stop-token-kept", "stop-token-dropped"])
@@ -545,10 +566,11 @@ def test_single_token_delimiter_equals_eager(at_cap: bool, include_stop_token: b
     stop = StopSpec.on_ids([stream[k]], prefill=tok(" #").input_ids)
     cfg = hard(max_think_tokens=k if at_cap else 16)
     ours, eager, llm = run_both(cfg, stop, tok, include_stop_token)
+    dropped = None if include_stop_token else tok.eos_token_id
     assert THINK_END_REASONS[int(eager.think_end[0])] == "token" and int(eager.cot_lengths[0]) == k
-    assert_same_record(ours, eager)
-    cot_params = llm.calls[0][1]
-    assert cot_params.stop_token_ids == [stream[k]] and cot_params.stop == []
+    assert_same_record(ours, eager, dropped)
+    for _, sp in llm.requests[: len(PROMPTS)]:
+        assert sp.stop_token_ids == [stream[k]] and sp.stop == []
 
 
 @pytest.mark.parametrize("include_stop_token", [True, False], ids=["stop-token-kept", "stop-token-dropped"])
@@ -567,9 +589,10 @@ def test_answer_ending_at_eos_equals_eager(include_stop_token: bool) -> None:
     m = next(m for m in range(1, len(answer)) if answer[m] not in probe.cot_ids + answer[:m])
     tok = ToyTokenizer(eos_id=answer[m])
     ours, eager, _ = run_both(cfg, never_phrase(tok), tok, include_stop_token)
+    dropped = None if include_stop_token else tok.eos_token_id
     row0 = eager.samples()[0]
     assert row0.think_end == "max_tokens" and row0.answer_ids[-1] == answer[m]  # the premise: EOS ends the answer
-    assert_same_record(ours, eager)
+    assert_same_record(ours, eager, dropped)
 
 
 # ----------------------------------------------------------------------------------------- cot_outcome itself
@@ -597,11 +620,11 @@ def outcome(tokens: list[int], stop: StopSpec, max_think: int, eos: int = EOS_T)
         ([4, 5, 6], IDS, 2, ([4, 5], "max_tokens")),  # T+1 tokens, none a stop: the cap
         ([4, 5, 6, 9], IDS, 2, ([4, 5], "max_tokens")),  # the delimiter one step past T comes too late
         ([5], IDS, 0, ([], "max_tokens")),
-        # EOS, kept in token_ids or left out of them (the sample ended before the cap with nothing else)
+        # EOS (generate puts back an EOS vLLM left out of token_ids: `stopped_tokens`, tested below)
         ([4, EOS_T, 6], IDS, 8, ([4], "eos")),
         ([4, 5, EOS_T], IDS, 2, ([4, 5], "eos")),  # EOS exactly at step T: eos wins over the cap
-        ([4, 5], IDS, 8, ([4, 5], "eos")),  # vLLM stopped at EOS and dropped it
-        ([], IDS, 8, ([], "eos")),
+        ([4, 5], IDS, 8, ([4, 5], "max_tokens")),  # ended short of every rule (a length limit, an abort)
+        ([], IDS, 8, ([], "max_tokens")),
         ([4, 5, 9], StopSpec.on_ids([5]), 8, ([4], "token")),
         ([4, EOS_T], StopSpec.on_ids([EOS_T]), 8, ([4], "token")),  # delimiter = EOS: token first (priority 1)
         # text rule: the step after the phrase's last character ends the CoT, the phrase's tokens stay in it
@@ -612,15 +635,35 @@ def outcome(tokens: list[int], stop: StopSpec, max_think: int, eos: int = EOS_T)
         ([X, I_, S, COLON, EOS_T], PHRASE, 8, ([X, I_, S, COLON], "phrase")),  # phrase before EOS
         ([X, IS, EOS_T], PHRASE, 8, ([X, IS], "eos")),  # half a phrase does not stop
         ([I_, S, 99, COLON], PHRASE, 8, ([I_, S, 99, COLON], "phrase")),  # an id with no text keeps the state
-        ([I_, X, S, COLON, Y], PHRASE, 8, ([I_, X, S, COLON, Y], "eos")),  # "ixs:y" has no "is:"
+        ([I_, X, S, COLON, Y], PHRASE, 8, ([I_, X, S, COLON, Y], "max_tokens")),  # "ixs:y" has no "is:"
         ([IS, IS, COLON], PHRASE, 8, ([IS, IS, COLON], "phrase")),  # "isis:" (KMP fallback)
     ],
 )
 def test_cot_outcome_reasons_and_priority(tokens, stop, max_think, expect) -> None:
     # each reason read from the generated tokens by the engine's check at each step t, in the order of
     # rollouts/stopping.py: phrase (seen in tokens[:t]) / delimiter (token t), then EOS (token t), then the cap
-    # (t = T); t = len(tokens) with nothing else is an EOS vLLM left out of token_ids.
+    # (t = T); t = len(tokens) with nothing else: the request ended short (max_tokens, the cap reason).
     assert outcome(tokens, stop, max_think) == expect
+
+
+@pytest.mark.parametrize(
+    "token_ids,finish,stop_reason,expect",
+    [
+        ([4, 5], "stop", None, [4, 5, EOS_T]),  # EOS left out of token_ids: put back
+        ([4, EOS_T], "stop", None, [4, EOS_T]),  # EOS kept: unchanged
+        ([4], "stop", 9, [4, 9]),  # a stop token id left out: put back
+        ([4, 9], "stop", 9, [4, 9]),
+        ([4, IS, COLON_NL], "stop", "is:", [4, IS, COLON_NL]),  # a stop string's tokens are always there
+        ([4, 5, 6], "length", None, [4, 5, 6]),
+        ([], "stop", None, [EOS_T]),  # EOS as the very first token, left out
+    ],
+)
+def test_stopped_tokens_put_back_the_stop_token(token_ids, finish, stop_reason, expect) -> None:
+    sample = FakeCompletionOutput(
+        index=0, text="", token_ids=token_ids, cumulative_logprob=None, logprobs=None, finish_reason=finish,
+        stop_reason=stop_reason,
+    )  # fmt: skip
+    assert stopped_tokens(sample, EOS_T) == expect
 
 
 def test_cot_outcome_refuses_a_multi_token_delimiter() -> None:
@@ -684,14 +727,14 @@ def test_hard_sample_record_and_requests(include_stop_token: bool) -> None:
         torch.testing.assert_close(torch.tensor(s.cot_logprobs), expect, atol=1e-4, rtol=0)
         assert s.cot_top1_ids == rep.cot_log_probs.argmax(-1).tolist()
     assert any(len({tuple(s.cot_ids) for s in samples[b * group : (b + 1) * group]}) > 1 for b in range(3))
-    (cot_prompts, cot_params), (answer_prompts, answer_params) = llm.calls
-    assert [p["prompt_token_ids"] for p in cot_prompts] == PROMPTS
-    assert (cot_params.n, cot_params.temperature, cot_params.top_p, cot_params.max_tokens) == (group, 1.0, 1.0, 11)
-    assert cot_params.top_k in (0, -1) and cot_params.min_p == 0.0 and cot_params.logprobs >= 1
-    assert len(answer_prompts) == n and answer_params.n == 1
-    assert (answer_params.temperature, answer_params.top_p, answer_params.max_tokens) == (0.5, 0.9, 4)
-    for s, body in zip(samples, answer_prompts, strict=True):
-        assert body["prompt_token_ids"] == s.prompt_ids + s.cot_ids + forced
+    assert len(llm.requests) == len(PROMPTS) + n
+    cot_requests, answer_requests = llm.requests[: len(PROMPTS)], llm.requests[len(PROMPTS) :]
+    for prompt, (ids, sp) in zip(PROMPTS, cot_requests, strict=True):
+        assert ids == prompt and (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (group, 1.0, 1.0, 11)
+        assert sp.top_k in (0, -1) and sp.min_p == 0.0 and sp.logprobs >= 1 and isinstance(sp.seed, int)
+    for s, (body, sp) in zip(samples, answer_requests, strict=True):
+        assert body == s.prompt_ids + s.cot_ids + forced
+        assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens) == (1, 0.5, 0.9, 4)
     again, _ = once(0)
     assert torch.equal(again.cot_ids, r.cot_ids) and torch.equal(again.answer_ids, r.answer_ids)
     other, _ = once(1)
@@ -748,12 +791,14 @@ def test_generate_refuses_what_vllm_cannot_do() -> None:
     with pytest.raises(ValueError, match="hard tokens only"):
         engine.generate(model, PROMPTS, CotConfig(name="soft_greedy", mode="soft", noise_scale=0.0), sigma=0.0,
                         tokenizer=tok, **kw)  # fmt: skip
+    with pytest.raises(ValueError, match="hard tokens only"):
+        engine.generate(model, PROMPTS, hard(), sigma=0.1, tokenizer=tok, **kw)
     with pytest.raises(ValueError, match="tokenizer"):
         engine.generate(model, PROMPTS, hard(), sigma=0.0, **kw)
     no_phrase = StopSpec.on_text(phrase_table("#|", TOY_TEXTS), capped=[1])
     with pytest.raises(ValueError, match="phrase"):
         engine.generate(model, PROMPTS, hard(), sigma=0.0, tokenizer=tok, **{**kw, "stop": no_phrase})
-    assert llm.calls == []
+    assert llm.requests == []
     with pytest.raises(ValueError, match="single-token"):
         engine.generate(model, PROMPTS, hard(), sigma=0.0, tokenizer=tok, **{**kw, "stop": StopSpec.on_ids([3, 4])})
 
@@ -769,6 +814,6 @@ def test_generate_with_the_cuda_generator_evaluation_passes() -> None:
             model, PROMPTS, hard(), group_size=1, sigma=0.0, stop=StopSpec.on_ids([3]), eos_id=1, pad_id=PAD,
             generator=torch.Generator(device="cuda").manual_seed(0), tokenizer=tok,
         )  # fmt: skip
-        assert r.num_rollouts == len(PROMPTS) and isinstance(llm.calls[0][1].seed, int)
+        assert r.num_rollouts == len(PROMPTS) and isinstance(llm.requests[0][1].seed, int)
     finally:
         model.to("cpu")
