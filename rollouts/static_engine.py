@@ -137,18 +137,19 @@ def _step(stepper: Stepper, st: DecodeState, logits: torch.Tensor, noise: StepNo
     return stepper(st, logits, noise)
 
 
-def _forward(model: PreTrainedModel, cache: StaticCache, feed: torch.Tensor, st: DecodeState) -> torch.Tensor:
-    """One decode step of the model for every row: `feed` [R, d] at column `st.column`, positions `st.next_pos`;
-    returns the next logits [R, V] float32 and advances the state."""
+def _forward(
+    model: PreTrainedModel, cache: StaticCache, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One decode step of the model for every row: `feed` [R, d] written at the cache's next column, attending
+    to the columns where `mask` [R, C] is 1, at `positions` [R]; the next logits [R, V] float32. It mutates the
+    cache only (whose tensors keep their addresses: a CUDA graph replays on them)."""
     out = model(
         inputs_embeds=feed[:, None].to(model.dtype),  # [R, 1, d]
-        attention_mask=st.attention_mask[:, None, None, :].bool(),  # [R, 1, 1, C], built: used as is
-        position_ids=st.next_pos[:, None],  # [R, 1]
+        attention_mask=mask[:, None, None, :].bool(),  # [R, 1, 1, C], built: used as is
+        position_ids=positions[:, None],  # [R, 1]
         cache=cache,
         use_cache=True,
     )
-    st.next_pos.add_(1)
-    st.column.add_(1)
     return out.logits[:, -1].float()
 
 
@@ -242,9 +243,10 @@ class StaticEngine:
                 feed = self._step(stepper, st, logits, _pad_noise(noise, rows))  # [R, d]
                 if step == steps - 1 or ((step + 1) % check_every == 0 and bool((st.phase == DONE).all())):
                     break
-                logits = forward(model, slot.cache, feed, st)
+                logits = forward(model, slot.cache, feed, st.attention_mask, st.next_pos)
                 if model.device.type == "cuda":
                     logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+                stepper.advance(st)
         return finish(_first_rows(st, n), cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
 
 
