@@ -22,10 +22,11 @@ One rollout, following DESIGN.md section 1:
    position counter steps back D-1, which is the same computation as never having fed them (the trick that makes
    left padding work).
 
-Host syncs: none per step; every `check_every` steps one `all rows done?` read lets the loop stop early (a
-CUDA-graph engine would run the fixed `T + D + max_answer_tokens` steps instead and trim). Randomness: each step
-draws ε [N, d] (soft / fuzzy with σ > 0) and exponential race noise [N, V] (sampled hard CoT, sampled answer)
-for every row from the one generator, so the same seed gives the same rollouts. Noise therefore depends on the
+Host syncs: none per step; every `check_every` steps one `all rows done?` read lets the loop stop early (the
+static engine, rollouts/static_engine.py, runs this same step compiled and keeps the same check). Randomness:
+before each step `Stepper.draw` draws ε [N, d] (soft / fuzzy with σ > 0) and exponential race noise [N, V]
+(sampled hard CoT, sampled answer) for every row from the one generator (`rollouts.modes.draw_noise`), so the
+same seed gives the same rollouts, in either engine. Noise therefore depends on the
 row's index in the batch: a sampled row is reproducible in the same batch layout, not alone; the deterministic
 modes (greedy hard, σ = 0 soft / fuzzy) are batch-invariant and tested so.
 
@@ -251,7 +252,9 @@ class Stepper:
         st.delim_idx.add_(in_delim.long())
         st.sampled.add_(in_answer.long())
         finished = in_answer & ((tok == self.eos_id) | (st.sampled >= self.cfg.max_answer_tokens))
-        st.phase.copy_(torch.where(in_delim & (st.delim_idx >= self.forced_len[st.think_end]), ANSWER, st.phase))
+        st.phase.copy_(
+            torch.where(in_delim & (st.delim_idx >= self.forced_len[st.think_end]), ANSWER, st.phase)
+        )
         st.phase.copy_(torch.where(finished, DONE, st.phase))
         # this step's input goes in the column after the last one fed, at the row's next position
         st.attention_mask.index_fill_(1, st.column.clamp(max=st.attention_mask.shape[1] - 1).view(1), 1)

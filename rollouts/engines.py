@@ -93,7 +93,9 @@ def build_engine(
             if vllm_reason(vllm_model, modes, model.device) is None:
                 return VllmEngine.load(vllm_model), f"{key}=auto: vllm (hard-token modes on CUDA)"
     if name in ("auto", "static"):
-        reason = static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
+        reason = (
+            static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
+        )
         if name == "auto" and reason is None and model.device.type != "cuda":
             reason = "on CPU the static engine's compile time outweighs its speed-up in short runs; engine=static forces it"
         if reason is None:

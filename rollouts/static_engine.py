@@ -71,7 +71,9 @@ def decode_attention(
     reshape (no repeated K/V); query [N, H, 1, hd], key / value [N, Hkv, C, hd], mask [N, 1, 1, C] bool (True =
     attend). Scores and softmax in float32. Anything else (a prompt's prefill) goes to transformers' SDPA."""
     if query.shape[2] != 1 or attention_mask is None or attention_mask.dtype != torch.bool:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     n, heads, _, hd = query.shape
     kv_heads = key.shape[1]
     scale = hd**-0.5 if scaling is None else scaling
@@ -138,7 +140,11 @@ def _step(stepper: Stepper, st: DecodeState, logits: torch.Tensor, noise: StepNo
 
 
 def _forward(
-    model: PreTrainedModel, cache: StaticCache, feed: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor
+    model: PreTrainedModel,
+    cache: StaticCache,
+    feed: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
 ) -> torch.Tensor:
     """One decode step of the model for every row: `feed` [R, d] written at the cache's next column, attending
     to the columns where `mask` [R, C] is 1, at `positions` [R]; the next logits [R, V] float32. It mutates the
@@ -188,7 +194,9 @@ class StaticEngine:
         self._step = torch.compile(_step, fullgraph=True, dynamic=None) if compile else _step
         self._forward_default = torch.compile(_forward, fullgraph=True, dynamic=None) if compile else _forward
         self._forward_cuda = (
-            torch.compile(_forward, fullgraph=True, dynamic=None, mode="reduce-overhead") if compile else _forward
+            torch.compile(_forward, fullgraph=True, dynamic=None, mode="reduce-overhead")
+            if compile
+            else _forward
         )
 
     def _slot(self, model: PreTrainedModel, rows: int, columns: int) -> _Slot:
@@ -245,7 +253,9 @@ class StaticEngine:
                     break
                 logits = forward(model, slot.cache, feed, st.attention_mask, st.next_pos)
                 if model.device.type == "cuda":
-                    logits = logits.clone()  # the CUDA graph's output buffer is overwritten by the next replay
+                    logits = (
+                        logits.clone()
+                    )  # the CUDA graph's output buffer is overwritten by the next replay
                 stepper.advance(st)
         return finish(_first_rows(st, n), cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
 

@@ -45,8 +45,10 @@ def vllm_reason(model_dir: str | None, modes: list[CotConfig], device: torch.dev
     if cold:
         return f"{cold} use the entropy cold stop, which needs H(p_t) at every step; vLLM does not return it"
     for m in modes:  # vLLM filters after the temperature, the engine before it: equal only at τ in {0, 1}
-        if (m.top_p < 1 or m.min_p > 0) and m.temperature not in (0, 1) or (
-            m.answer_top_p < 1 and m.answer_temperature not in (0, 1)
+        if (
+            (m.top_p < 1 or m.min_p > 0)
+            and m.temperature not in (0, 1)
+            or (m.answer_top_p < 1 and m.answer_temperature not in (0, 1))
         ):
             return f"{m.name}: top-p / min-p at a temperature other than 0 or 1 filter a different distribution in vLLM"
     if importlib.util.find_spec("vllm") is None:
@@ -173,8 +175,12 @@ class VllmEngine:
         if stop.stop_on == "text" and not stop.phrase:
             raise ValueError("the vllm engine stops on the phrase's text: build the StopSpec with its phrase")
         if len(stop.delimiter) > 1:
-            raise ValueError("the vllm engine supports a single-token ids delimiter only (vLLM stops on ids, not id sequences)")
-        cot_seed, answer_seed = torch.randint(0, 2**31 - 1, (2,), generator=generator, device=generator.device).tolist()
+            raise ValueError(
+                "the vllm engine supports a single-token ids delimiter only (vLLM stops on ids, not id sequences)"
+            )
+        cot_seed, answer_seed = torch.randint(
+            0, 2**31 - 1, (2,), generator=generator, device=generator.device
+        ).tolist()
         cot_params = self._params(
             n=group_size,
             temperature=cfg.temperature,
@@ -240,14 +246,23 @@ def _record(
         return torch.zeros(shape, dtype=dtype)
 
     prompt_ids, prompt_mask = torch.full((n, width), pad_id), zeros(n, width, dtype=torch.bool)
-    cot_ids, top1, cot_mask = torch.full((n, t_len), pad_id), torch.full((n, t_len), pad_id), zeros(n, t_len, dtype=torch.bool)
+    cot_ids, top1, cot_mask = (
+        torch.full((n, t_len), pad_id),
+        torch.full((n, t_len), pad_id),
+        zeros(n, t_len, dtype=torch.bool),
+    )
     cot_lp = zeros(n, t_len, dtype=torch.float32)
     answer_ids, answer_mask = torch.full((n, a_len), pad_id), zeros(n, a_len, dtype=torch.bool)
     action, answer_lp = zeros(n, a_len, dtype=torch.bool), zeros(n, a_len, dtype=torch.float32)
     for i, (p, o, f, (a, a_lp)) in enumerate(zip(prompts, outcomes, forced, answers, strict=True)):
         prompt_ids[i, width - len(p) :], prompt_mask[i, width - len(p) :] = torch.tensor(p), True
         t = len(o.cot)
-        cot_ids[i, :t], top1[i, :t], cot_lp[i, :t], cot_mask[i, :t] = torch.tensor(o.cot, dtype=torch.long), torch.tensor(o.top1, dtype=torch.long), torch.tensor(o.logprobs), True
+        cot_ids[i, :t], top1[i, :t], cot_lp[i, :t], cot_mask[i, :t] = (
+            torch.tensor(o.cot, dtype=torch.long),
+            torch.tensor(o.top1, dtype=torch.long),
+            torch.tensor(o.logprobs),
+            True,
+        )
         seq = f + a
         answer_ids[i, : len(seq)], answer_mask[i, : len(seq)] = torch.tensor(seq, dtype=torch.long), True
         action[i, len(f) : len(seq)] = True

@@ -161,7 +161,9 @@ def bench_engines(model: PreTrainedModel, prompts: torch.Tensor, args: argparse.
     return out
 
 
-def bench_generate(model: PreTrainedModel, prompts: torch.Tensor, per_row: int, args: argparse.Namespace) -> dict:
+def bench_generate(
+    model: PreTrainedModel, prompts: torch.Tensor, per_row: int, args: argparse.Namespace
+) -> dict:
     """{variant: (tokens, cold s, warm s)} for HF generate() with its dynamic and its (compiled) static cache."""
     ids = prompts.to(args.device)
     mask = torch.ones_like(ids)
@@ -185,7 +187,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, name = build_model(args)
     vocab = model.get_input_embeddings().weight.shape[0]
-    prompts = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = torch.randint(
+        3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0)
+    )
     engines = bench_engines(model, prompts, args)
     per_row = engines["eager"]["hard"][0] // args.batch
     baseline = bench_generate(model, prompts, per_row, args)
@@ -218,7 +222,9 @@ def main() -> None:
             "static_soft_over_generate_static_tokens_per_s": round(
                 rate(engines["static"]["soft"]) / rate(baseline["hf_generate_static"]), 3
             ),
-            "eager_hard_over_generate_time": round(engines["eager"]["hard"][2] / baseline["hf_generate"][2], 3),
+            "eager_hard_over_generate_time": round(
+                engines["eager"]["hard"][2] / baseline["hf_generate"][2], 3
+            ),
         },
     }
     text = json.dumps(report, indent=2)

@@ -241,6 +241,25 @@ def test_noise_per_coordinate_std() -> None:
     assert corr.abs().max() < 0.04, corr
 
 
+def test_race_noise_is_exponential_and_draws_from_p() -> None:
+    # draw_noise's q = -log U, U ~ Uniform[0, 1), is Exp(1): mean 1 and variance 1 (n = 200k draws: standard errors
+    # 0.0022 and 0.0045, so 0.02 is a wide band). The race argmax(log p - log q) then picks token v with
+    # probability p_v: over n = 40000 races each frequency has standard error <= sqrt(0.25 / n) = 0.0025, and
+    # 0.0125 is 5 of them.
+    from rollouts.modes import draw_noise, sample_ids
+
+    cfg = CotConfig(mode="hard", temperature=1.0, answer_temperature=0.0)
+    q = draw_noise(cfg, 0.0, 20000, 10, 4, torch.Generator().manual_seed(0)).cot  # [20000, 10]
+    assert q.shape == (20000, 10) and (q > 0).all()
+    assert abs(q.mean().item() - 1) < 0.02 and abs(q.var().item() - 1) < 0.02
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    log_p = p.log().expand(40000, -1)  # [n, 6]; the last token has p = 0 and must never win
+    noise = draw_noise(cfg, 0.0, 40000, 6, 4, torch.Generator().manual_seed(1)).cot
+    freq = torch.bincount(sample_ids(log_p, noise), minlength=6).float() / 40000
+    assert (freq - p).abs().max() < 0.0125, freq
+    assert freq[5] == 0
+
+
 def test_engine_noise_std_and_independence() -> None:
     # in the engine, h_t - μ_t (μ_t from the teacher-forced replay) has per-entry std σ = noise_scale × rms(E);
     # pooled over N·T·d ≈ 24k entries the relative standard error is 0.45%, so 3% is a wide band.

@@ -18,9 +18,12 @@ import functools
 
 import pytest
 import torch
-from transformers import MistralConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
 
+from rl.data import DataConfig, load_problems
 from rl.logprobs import LogProbConfig, log_prob_gap, sequence_log_probs
+from rl.model import read_profile
+from rl.prompts import encode_prompts
 from rollouts.config import CotConfig
 from rollouts.distributions import noise_sigma
 from rollouts.engine import generate, input_embedding_matrix
@@ -35,7 +38,11 @@ from tests.test_rollout_engine import assert_replay_consistent
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAD, EOS = 0, -1  # an EOS id the model never says: thinking runs to the cap unless a test sets one
-PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]  # left padding exercised; 3 prompts x G=2 -> 6 rows (bucket 8)
+PROMPTS = [
+    [5, 6, 7, 8, 9],
+    [10, 11],
+    [12, 13, 14],
+]  # left padding exercised; 3 prompts x G=2 -> 6 rows (bucket 8)
 MU_ATOL = 1e-5
 
 
@@ -77,7 +84,15 @@ def both(model, cfg: CotConfig, stop: StopSpec, compiled: bool, prompts=PROMPTS,
 
 
 def assert_same_tokens(a: Rollouts, b: Rollouts) -> None:
-    for name in ("cot_ids", "cot_top1_ids", "cot_mask", "answer_ids", "answer_mask", "answer_action_mask", "think_end"):
+    for name in (
+        "cot_ids",
+        "cot_top1_ids",
+        "cot_mask",
+        "answer_ids",
+        "answer_mask",
+        "answer_action_mask",
+        "think_end",
+    ):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     torch.testing.assert_close(a.cot_entropy, b.cot_entropy, atol=1e-4, rtol=0)  # nats; float32 sums over V
     torch.testing.assert_close(a.cot_logprobs, b.cot_logprobs, atol=1e-4, rtol=0)
@@ -117,12 +132,26 @@ def test_sampled_records_are_consistent(mode: str) -> None:
         assert_same_tokens(eager, static)
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_filtered_sampling_equals_eager(mode: str) -> None:
+    # top-k / top-p / min-p on the CoT and top-p on the answer run through the same step code: the same tokens
+    # as eager for hard (the same filtered race on the same noise), a replay-consistent record for both
+    model = model_for("qwen2", True)
+    cfg = cfg_for(mode, sampled=True, top_k=20, top_p=0.9, min_p=0.05, answer_top_p=0.8)
+    eager, static = both(model, cfg, never_stop(), compiled=False)
+    assert_replay_consistent(model, static, cfg)
+    if mode == "hard":
+        assert_same_tokens(eager, static)
+
+
 def test_every_stop_rule_ends_where_eager_does() -> None:
     model = model_for("qwen2", False)
     cfg = cfg_for("hard", sampled=False)
     eager, _ = both(model, cfg, never_stop(), compiled=False)
     s = eager.cot_top1_ids[0].tolist()  # the first prompt's free-running greedy stream
-    texts = [chr(0x100 + v) * 2 for v in range(96)]  # two characters per token: phrases cross token boundaries
+    texts = [
+        chr(0x100 + v) * 2 for v in range(96)
+    ]  # two characters per token: phrases cross token boundaries
     phrase = texts[s[3]][1:] + texts[s[4]][:1]
     stops = {
         "token": StopSpec.on_ids((s[5],)),
@@ -153,8 +182,6 @@ def test_padding_rows_do_not_leak_and_buckets_round_up() -> None:
 
 @functools.cache
 def tiny_base_model(path):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
@@ -163,18 +190,14 @@ def tiny_base_model(path):
 def test_trained_model_greedy_modes_equal_eager(tiny_base, mode: str, compiled: bool) -> None:
     # the project's trained tiny model is not chaotic: the greedy modes are token-identical to the eager engine
     # over whole rollouts (CoT to its 48-step cap or its delimiter, then the answer), and every μ_t within 1e-5
-    from rl.prompts import encode_prompts
-    from transformers import AutoTokenizer
-
     model = tiny_base_model(tiny_base)
     tok = AutoTokenizer.from_pretrained(tiny_base)
-    from rl.data import DataConfig, load_problems
-    from rl.model import read_profile
-
     profile = read_profile(str(tiny_base))
     problems = load_problems(DataConfig(), "test")[:12]
     prompts = encode_prompts(tok, [p.question for p in problems], profile.prompt)
-    stop = StopSpec.from_tokenizer(tok, profile.prompt.think_end, profile.prompt.stop_on, profile.prompt.answer_prefill)
+    stop = StopSpec.from_tokenizer(
+        tok, profile.prompt.think_end, profile.prompt.stop_on, profile.prompt.answer_prefill
+    )
     cfg = cfg_for(mode, sampled=False, max_think_tokens=48, max_answer_tokens=16)
     eager, static = both(model, cfg, stop, compiled=compiled, prompts=prompts, eos_id=tok.eos_token_id)
     assert eager.cot_lengths.float().mean() > 5
@@ -193,7 +216,9 @@ def test_compiled_sampled_record_scores_like_eager() -> None:
             gaps.append(log_prob_gap(r, sequence_log_probs(model, r, cfg, LogProbConfig())))
     assert gaps[1].cot < max(5 * gaps[0].cot, 1e-3), gaps
     assert gaps[1].answer < max(5 * gaps[0].answer, 1e-4), gaps
-    assert (eager.cot_ids == static.cot_ids).all(dim=1).float().mean() >= 0.5  # same noise: most rows coincide
+    assert (eager.cot_ids == static.cot_ids).all(
+        dim=1
+    ).float().mean() >= 0.5  # same noise: most rows coincide
 
 
 def test_same_bucket_compiles_nothing_new() -> None:
@@ -203,7 +228,9 @@ def test_same_bucket_compiles_nothing_new() -> None:
     cfg = cfg_for("hard", sampled=False)
     both(model, cfg, never_stop(), compiled=True, group_size=2)  # 6 rows -> bucket 8
     before = counters["stats"]["unique_graphs"]
-    both(model, cfg, never_stop(), compiled=True, prompts=PROMPTS[:2], group_size=3)  # 6 rows, other prompt width
+    both(
+        model, cfg, never_stop(), compiled=True, prompts=PROMPTS[:2], group_size=3
+    )  # 6 rows, other prompt width
     both(model, cfg, never_stop(), compiled=True, prompts=PROMPTS[:2], group_size=4)  # 8 rows
     assert counters["stats"]["unique_graphs"] == before
 
@@ -212,7 +239,9 @@ def test_engine_choice_says_which_and_refuses_what_it_cannot_run() -> None:
     model = model_for("llama", True)
     cfgs = [cfg_for("soft", sampled=True)]
     chosen, note = build_engine("auto", model, key="trainer.engine", modes=cfgs)
-    assert isinstance(chosen, EagerEngine) and "on CPU" in note  # auto compiles on CUDA only (rollouts/engines.py)
+    assert (
+        isinstance(chosen, EagerEngine) and "on CPU" in note
+    )  # auto compiles on CUDA only (rollouts/engines.py)
     chosen, note = build_engine("static", model, key="trainer.engine", modes=cfgs)
     assert isinstance(chosen, StaticEngine) and "static" in note
     chosen, note = build_engine("eager", model, key="trainer.engine", modes=cfgs)
@@ -229,8 +258,6 @@ def test_engine_choice_says_which_and_refuses_what_it_cannot_run() -> None:
 
 
 def tiny_mistral_sliding():
-    from transformers import AutoModelForCausalLM
-
     config = MistralConfig(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=16,
@@ -251,8 +278,12 @@ def test_cuda_graph_static_engine_equals_eager(tiny_base, mode: str) -> None:
         cfg = cfg_for(mode, sampled=False, max_think_tokens=48, max_answer_tokens=16)
         kw = dict(group_size=4, sigma=0.0, stop=stop, eos_id=-1, pad_id=PAD)
         eager = generate(model, prompts, cfg, generator=torch.Generator("cuda").manual_seed(0), **kw)
-        static = engine(True).generate(model, prompts, cfg, generator=torch.Generator("cuda").manual_seed(0), **kw)
-        again = engine(True).generate(model, prompts, cfg, generator=torch.Generator("cuda").manual_seed(0), **kw)
+        static = engine(True).generate(
+            model, prompts, cfg, generator=torch.Generator("cuda").manual_seed(0), **kw
+        )
+        again = engine(True).generate(
+            model, prompts, cfg, generator=torch.Generator("cuda").manual_seed(0), **kw
+        )
         assert_same_tokens(eager, static)
         assert_same_tokens(static, again)  # a replayed graph gives the recorded one's result
     finally:

@@ -147,7 +147,9 @@ class FakeLLM:
         self.include_stop_token = include_stop_token
         self.requests: list[tuple[list[int], FakeSamplingParams]] = []
 
-    def generate(self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True) -> list[FakeRequestOutput]:
+    def generate(
+        self, prompts: Any, sampling_params: Any = None, use_tqdm: bool = True
+    ) -> list[FakeRequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts) or not all(isinstance(sp, FakeSamplingParams) for sp in params):
             raise TypeError("sampling_params must be a SamplingParams or a list of one per prompt")
@@ -208,7 +210,9 @@ class FakeLLM:
         steps: list[dict[int, FakeLogprob]] = []
         finish, reason, stop_token, cut = "length", None, False, None
         while sp.max_tokens is None or len(ids) < sp.max_tokens:
-            logits = self.model(torch.tensor([prompt + ids], device=device)).logits[0, -1].float().cpu()  # [V]
+            logits = (
+                self.model(torch.tensor([prompt + ids], device=device)).logits[0, -1].float().cpu()
+            )  # [V]
             token = self._next_token(logits, sp, gen)
             ids.append(token)
             steps.append(self._logprob_entry(torch.log_softmax(logits, -1), token, sp.logprobs or 0))
@@ -244,21 +248,32 @@ def test_stand_in_refuses_unknown_keywords_and_follows_vllm_stops() -> None:
         FakeSamplingParams(stop_token_id=[3])
     model = toy_model()
     tok = ToyTokenizer(eos_id=1)
-    free = FakeLLM(model, tok, eos_id=-1).generate(
-        [{"prompt_token_ids": PROMPTS[0]}], FakeSamplingParams(temperature=0.0, max_tokens=6, logprobs=1)
-    )[0].outputs[0]
+    free = (
+        FakeLLM(model, tok, eos_id=-1)
+        .generate(
+            [{"prompt_token_ids": PROMPTS[0]}], FakeSamplingParams(temperature=0.0, max_tokens=6, logprobs=1)
+        )[0]
+        .outputs[0]
+    )
     assert (free.finish_reason, free.stop_reason, len(free.token_ids)) == ("length", None, 6)
     assert all(min(s.values(), key=lambda x: x.rank).rank == 1 for s in free.logprobs)
     k = first_new(free.token_ids, 2)
     third = free.token_ids[k]
     for keep in (True, False):
         llm = FakeLLM(model, tok, eos_id=third, include_stop_token=keep)
-        (at_eos,) = llm.generate([{"prompt_token_ids": PROMPTS[0]}], FakeSamplingParams(temperature=0.0))[0].outputs
+        (at_eos,) = llm.generate([{"prompt_token_ids": PROMPTS[0]}], FakeSamplingParams(temperature=0.0))[
+            0
+        ].outputs
         assert (at_eos.finish_reason, at_eos.stop_reason) == ("stop", None)
         assert at_eos.token_ids == free.token_ids[: k + 1 if keep else k]
-        (at_id,) = FakeLLM(model, tok, eos_id=-1, include_stop_token=keep).generate(
-            [{"prompt_token_ids": PROMPTS[0]}], FakeSamplingParams(temperature=0.0, stop_token_ids=[third])
-        )[0].outputs
+        (at_id,) = (
+            FakeLLM(model, tok, eos_id=-1, include_stop_token=keep)
+            .generate(
+                [{"prompt_token_ids": PROMPTS[0]}],
+                FakeSamplingParams(temperature=0.0, stop_token_ids=[third]),
+            )[0]
+            .outputs
+        )
         assert (at_id.finish_reason, at_id.stop_reason) == ("stop", third)
 
 
@@ -319,7 +334,9 @@ def test_hard_greedy_evaluation_rows_equal_eager(base: Base, include_stop_token:
     reasons = {s["think_end"] for row in eager_rows for s in row["samples"]}
     assert "token" in reasons  # the premise: the trained model closes its thinking with </think>
     for ours, eager in zip(rows, eager_rows, strict=True):
-        assert {k: ours[k] for k in ("uid", "prompt_ids", "answer")} == {k: eager[k] for k in ("uid", "prompt_ids", "answer")}
+        assert {k: ours[k] for k in ("uid", "prompt_ids", "answer")} == {
+            k: eager[k] for k in ("uid", "prompt_ids", "answer")
+        }
         assert len(ours["samples"]) == len(eager["samples"]) == 2
         for s, e in zip(ours["samples"], eager["samples"], strict=True):
             assert set(s) == set(e)
@@ -591,7 +608,9 @@ def test_answer_ending_at_eos_equals_eager(include_stop_token: bool) -> None:
     ours, eager, _ = run_both(cfg, never_phrase(tok), tok, include_stop_token)
     dropped = None if include_stop_token else tok.eos_token_id
     row0 = eager.samples()[0]
-    assert row0.think_end == "max_tokens" and row0.answer_ids[-1] == answer[m]  # the premise: EOS ends the answer
+    assert (
+        row0.think_end == "max_tokens" and row0.answer_ids[-1] == answer[m]
+    )  # the premise: EOS ends the answer
     assert_same_record(ours, eager, dropped)
 
 
@@ -626,7 +645,12 @@ def outcome(tokens: list[int], stop: StopSpec, max_think: int, eos: int = EOS_T)
         ([4, 5], IDS, 8, ([4, 5], "max_tokens")),  # ended short of every rule (a length limit, an abort)
         ([], IDS, 8, ([], "max_tokens")),
         ([4, 5, 9], StopSpec.on_ids([5]), 8, ([4], "token")),
-        ([4, EOS_T], StopSpec.on_ids([EOS_T]), 8, ([4], "token")),  # delimiter = EOS: token first (priority 1)
+        (
+            [4, EOS_T],
+            StopSpec.on_ids([EOS_T]),
+            8,
+            ([4], "token"),
+        ),  # delimiter = EOS: token first (priority 1)
         # text rule: the step after the phrase's last character ends the CoT, the phrase's tokens stay in it
         ([X, IS, COLON_NL, Y, Y], PHRASE, 8, ([X, IS, COLON_NL], "phrase")),
         ([X, IS, COLON_NL], PHRASE, 8, ([X, IS, COLON_NL], "phrase")),  # vLLM stopped on the stop string
@@ -699,7 +723,9 @@ def test_hard_sample_record_and_requests(include_stop_token: bool) -> None:
 
     r, llm = once(0)
     n = len(PROMPTS) * group
-    assert r.num_rollouts == n and r.group_index.tolist() == [b for b in range(len(PROMPTS)) for _ in range(group)]
+    assert r.num_rollouts == n and r.group_index.tolist() == [
+        b for b in range(len(PROMPTS)) for _ in range(group)
+    ]
     t_len, a_len = r.cot_ids.shape[1], r.answer_ids.shape[1]
     for name, shape in [("prompt_ids", (n, 5)), ("prompt_mask", (n, 5)), ("cot_top1_ids", (n, t_len)),
                         ("cot_mask", (n, t_len)), ("cot_entropy", (n, t_len)), ("cot_logprobs", (n, t_len)),
@@ -713,7 +739,9 @@ def test_hard_sample_record_and_requests(include_stop_token: bool) -> None:
     assert torch.equal(r.cot_mask, positions(r.cot_mask) < r.cot_lengths[:, None])  # prefix masks
     assert torch.equal(r.answer_mask, positions(r.answer_mask) < r.answer_lengths[:, None])
     assert torch.equal(r.answer_action_mask, r.answer_mask & (positions(r.answer_mask) >= len(forced)))
-    assert (r.answer_logprobs[~r.answer_action_mask] == 0).all() and (r.answer_logprobs[r.answer_action_mask] < 0).all()
+    assert (r.answer_logprobs[~r.answer_action_mask] == 0).all() and (
+        r.answer_logprobs[r.answer_action_mask] < 0
+    ).all()
     samples = r.samples(tok)
     for i, s in enumerate(samples):
         assert s.prompt_ids == PROMPTS[i // group]
@@ -771,7 +799,9 @@ def test_vllm_reason_refusals() -> None:
     assert "hard tokens only" in vllm_reason("ckpt", [hard(), soft], cuda) and "soft_greedy" in vllm_reason(
         "ckpt", [hard(), soft], cuda
     )
-    assert "entropy cold stop" in vllm_reason("ckpt", [cold], cuda) and "hard_cold" in vllm_reason("ckpt", [cold], cuda)
+    assert "entropy cold stop" in vllm_reason("ckpt", [cold], cuda) and "hard_cold" in vllm_reason(
+        "ckpt", [cold], cuda
+    )
     if importlib.util.find_spec("vllm") is None:
         assert "vllm is not installed" in vllm_reason("ckpt", [hard()], cuda)
     else:
@@ -800,7 +830,9 @@ def test_generate_refuses_what_vllm_cannot_do() -> None:
         engine.generate(model, PROMPTS, hard(), sigma=0.0, tokenizer=tok, **{**kw, "stop": no_phrase})
     assert llm.requests == []
     with pytest.raises(ValueError, match="single-token"):
-        engine.generate(model, PROMPTS, hard(), sigma=0.0, tokenizer=tok, **{**kw, "stop": StopSpec.on_ids([3, 4])})
+        engine.generate(
+            model, PROMPTS, hard(), sigma=0.0, tokenizer=tok, **{**kw, "stop": StopSpec.on_ids([3, 4])}
+        )
 
 
 @pytest.mark.gpu
