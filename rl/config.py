@@ -74,8 +74,8 @@ class TrainerConfig:
     sharding: str = "auto"
     # zero3: parameters with fewer elements stay whole on every process (DeepSpeed's default 1e5)
     zero3_persistence_threshold: int = 100_000
-    # rollout engine (rollouts/engines.py): auto = static (compiled) where the model and platform support it and
-    # the policy is not sharded, else eager (the reference); static / eager force one
+    # rollout engine (rollouts/engines.py): auto = static (compiled) on CUDA where the model supports it and the
+    # policy is not sharded, else eager (the reference; on CPU compiling does not pay in short runs)
     engine: str = "auto"
 
     def __post_init__(self) -> None:
@@ -105,7 +105,9 @@ class TrainerConfig:
                 )
         check_engine(self.engine, "trainer.engine")
         if self.engine == "vllm":
-            raise ValueError("trainer.engine=vllm: vLLM serves evaluate.py's hard modes; training uses auto|static|eager")
+            raise ValueError(
+                "trainer.engine=vllm: vLLM serves evaluate.py's hard modes; training uses auto|static|eager"
+            )
         if self.sharding not in ("auto", *SHARDINGS):
             raise ValueError(f"trainer.sharding={self.sharding!r}: expected 'auto' or one of {SHARDINGS}")
         if self.zero3_persistence_threshold < 0:
@@ -144,7 +146,7 @@ class EvaluateConfig:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     # rollout engine (rollouts/engines.py): auto = vllm for a hard mode on CUDA when vLLM is installed, else
-    # static (compiled) where supported, else eager (the reference)
+    # static (compiled) on CUDA where supported, else eager (the reference)
     engine: str = "auto"
     output_dir: str = "outputs/eval"
     trace_problems: int = 4  # the first problems shown step by step in trace.html (0 = no trace.html)

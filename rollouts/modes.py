@@ -45,9 +45,8 @@ CotActionFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], CotA
 class StepNoise:
     """The randomness one decode step consumes, drawn before it (None where the mode draws nothing)."""
 
-    cot: (
-        torch.Tensor | None
-    )  # hard sampled CoT: q ~ Exp(1) [N, V]; soft / fuzzy with σ > 0: ε ~ N(0, I) [N, d]
+    # hard sampled CoT: q ~ Exp(1) [N, V]; soft / fuzzy with σ > 0: ε ~ N(0, I) [N, d]
+    cot: torch.Tensor | None
     answer: torch.Tensor | None  # sampled answer tokens: q ~ Exp(1) [N, V]
 
 

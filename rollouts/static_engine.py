@@ -253,9 +253,7 @@ class StaticEngine:
                     break
                 logits = forward(model, slot.cache, feed, st.attention_mask, st.next_pos)
                 if model.device.type == "cuda":
-                    logits = (
-                        logits.clone()
-                    )  # the CUDA graph's output buffer is overwritten by the next replay
+                    logits = logits.clone()  # the CUDA graph's output: overwritten by the next replay
                 stepper.advance(st)
         return finish(_first_rows(st, n), cfg, prompts, prompt_mask, group_size, sigma, pad_id, tokenizer)
 
@@ -275,11 +273,7 @@ def _pad_noise(noise: StepNoise, rows: int) -> StepNoise:
 
 def _first_rows(st: DecodeState, n: int) -> DecodeState:
     """The state of the first n rows (the batch without the bucket's padding rows)."""
-    return dataclasses.replace(
-        st,
-        **{
-            f.name: getattr(st, f.name)[:n]
-            for f in dataclasses.fields(st)
-            if isinstance(getattr(st, f.name), torch.Tensor) and getattr(st, f.name).ndim > 0
-        },
-    )
+    values = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+    # [R, ...] -> [n, ...]
+    rows = {k: v[:n] for k, v in values.items() if isinstance(v, torch.Tensor) and v.ndim > 0}
+    return dataclasses.replace(st, **rows)

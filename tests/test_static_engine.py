@@ -288,3 +288,15 @@ def test_cuda_graph_static_engine_equals_eager(tiny_base, mode: str) -> None:
         assert_same_tokens(static, again)  # a replayed graph gives the recorded one's result
     finally:
         model.to("cpu")
+
+
+def test_the_engine_keys_are_checked_at_config_time() -> None:
+    from rl.config import EvaluateConfig, TrainerConfig
+
+    with pytest.raises(ValueError, match="trainer.engine='turbo': expected one of"):
+        TrainerConfig(engine="turbo")
+    with pytest.raises(ValueError, match="trainer.engine=vllm: vLLM serves evaluate.py's hard modes"):
+        TrainerConfig(engine="vllm")
+    with pytest.raises(ValueError, match="engine='turbo': expected one of"):
+        EvaluateConfig(engine="turbo")
+    assert TrainerConfig().engine == EvaluateConfig().engine == "auto"
