@@ -82,7 +82,7 @@ def as_tested(command: str, tmp: Path) -> str | None:
     if command.startswith("python scripts/evaluate_ood.py"):  # the fixtures, 2 problems each
         return f"{moved.replace('out/ood', f'{tmp}/out/ood')} limit=2"
     if command.startswith("python scripts/bench_rollout.py"):
-        return f"{moved} --new-tokens 4 --repeats 1 --batch 2"
+        return f"{moved} --new-tokens 4 --repeats 1 --batch 2 --modes hard"  # one mode: one compile
     if command.startswith("python scripts/bench_learner.py"):
         return f"{moved} --repeats 1 {TRAIN_SHRINK}"
     if command.startswith("python scripts/grad_snr.py"):
