@@ -17,7 +17,6 @@ trainer and the evaluator call it without asking which it is.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +25,7 @@ from rollouts.config import CotConfig, check_engine
 from rollouts.engine import generate
 from rollouts.record import Rollouts
 from rollouts.stopping import StopSpec
+from rollouts.vllm_engine import VllmEngine, vllm_reason
 
 
 class RolloutEngine(Protocol):
@@ -78,20 +78,14 @@ def build_engine(
     engine runs on a whole, unwrapped model only, so a sharded run (fsdp2 gathers layers inside the forward,
     zero3 generates on a refreshed copy) uses the eager engine."""
     check_engine(name, key)
-    hard_only = all(not m.continuous for m in modes)
-    if name == "vllm":
-        from rollouts.vllm_engine import VllmEngine, vllm_reason
-
-        reason = vllm_reason(vllm_model, modes, model.device)
-        if reason:
+    if name in ("auto", "vllm"):
+        reason = vllm_reason(vllm_model, modes, model.device)  # hard modes, installed, CUDA, a checkpoint
+        if reason is None:
+            return VllmEngine.load(
+                vllm_model
+            ), f"{key}={name}: vllm on {vllm_model} (hard-token modes on CUDA)"
+        if name == "vllm":
             raise ValueError(f"{key}=vllm: {reason}")
-        return VllmEngine.load(vllm_model), f"{key}=vllm: vLLM on {vllm_model}"
-    if name == "auto" and vllm_model and hard_only and model.device.type == "cuda":
-        if importlib.util.find_spec("vllm") is not None:
-            from rollouts.vllm_engine import VllmEngine, vllm_reason
-
-            if vllm_reason(vllm_model, modes, model.device) is None:
-                return VllmEngine.load(vllm_model), f"{key}=auto: vllm (hard-token modes on CUDA)"
     if name in ("auto", "static"):
         reason = (
             static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
