@@ -32,7 +32,17 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 T = TypeVar("T")
 
-INFER_MODES = ("hard_greedy", "hard_sample", "soft_greedy", "soft_sample", "fuzzy_greedy", "fuzzy_sample")
+PAPER_INFER_MODES = (
+    "hard_greedy",
+    "hard_sample",
+    "soft_greedy",
+    "soft_sample",
+    "fuzzy_greedy",
+    "fuzzy_sample",
+)
+"""The paper's six inference settings: the default `trainer.eval_modes`."""
+INFER_MODES = (*PAPER_INFER_MODES, "multiplex_greedy", "multiplex_sample", "gumbel_greedy", "gumbel_sample")
+"""Every inference recipe in recipes/infer/."""
 
 
 @dataclass
@@ -61,7 +71,7 @@ class TrainerConfig:
     eval_n: int = 8
     eval_batch_size: int = 64
     eval_primary: str = "soft_sample"
-    eval_modes: list[str] = field(default_factory=lambda: list(INFER_MODES))
+    eval_modes: list[str] = field(default_factory=lambda: list(PAPER_INFER_MODES))
     eval_max_think_tokens: int = 0  # CoT cap of the evaluation modes; 0 = cot.max_think_tokens
     select_best: bool = False  # test the best eval_primary pass@1 of the run, kept in output_dir/best/
     save_every: int = 50

@@ -12,6 +12,10 @@ scored from the hidden state one position before it:
 - hard CoT step t:     log_softmax(filter(z_{t-1}) / τ)[c_t]                      (`cot_log_probs`)
 - soft / fuzzy step t: log N(h_t; μ_t(θ), σ² I_d), μ_t(θ) = softmax(filter(z_{t-1}(θ)) / τ) E(θ)
                        (`cot_log_probs`, `mixture_mean`, `gaussian_log_prob`)
+- multiplex / gumbel step t: `rollouts.modes.mixture_log_prob` of the stored K tokens and mix logits:
+                       Σ_k log p_t(c_k) (multiplex), the Gumbel density of the perturbed logits (gumbel); the
+                       input h_t = Σ_k w_k E(θ)[c_k] is rebuilt from them (weights `mixture_weights`), so E gets
+                       its input gradient as in hard mode
 - answer token a:      log_softmax(filter_top_p(z_{a-1}) / τ_answer)[a]  (forced think-end tokens are not scored)
 
 The functions from `rollouts.distributions` are the ones the rollout engine uses, so rollout and learner compute
@@ -57,6 +61,7 @@ from transformers import DynamicCache
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
 from rollouts.engine import input_embedding_matrix
+from rollouts.modes import mixture_log_prob, mixture_weights
 from rollouts.record import SAMPLING_FIELDS, Rollouts
 
 
@@ -82,8 +87,10 @@ class LogProbConfig:
 class SequenceLogProbs:
     """Per-action log-probs of a batch under one model (float32; zeros where the mask is False)."""
 
-    cot_mode: str  # hard | soft | fuzzy
-    cot: torch.Tensor  # [N, T] log π(CoT action): token log-prob (hard) or Gaussian log-density (soft/fuzzy)
+    cot_mode: str  # hard | soft | fuzzy | multiplex | gumbel
+    # [N, T] log π(CoT action): token log-prob (hard), Gaussian log-density (soft / fuzzy), sum of the K draws'
+    # log-probs (multiplex), Gumbel log-density (gumbel)
+    cot: torch.Tensor
     cot_mask: torch.Tensor  # [N, T] bool, True on real CoT steps
     answer: torch.Tensor  # [N, A] log π(answer token) at the answer temperature
     answer_mask: torch.Tensor  # [N, A] bool, True on scored answer tokens (= Rollouts.answer_action_mask)
@@ -134,7 +141,6 @@ def sequence_log_probs(
     """
     cfg = cfg or LogProbConfig()
     _check_rollouts(rollouts, cot, answer_top_p)
-    continuous = cot.continuous
     embedding = model.get_input_embeddings()
     decoder = model.get_decoder()
     scorer = action_scorer(model)
@@ -148,9 +154,7 @@ def sequence_log_probs(
     n, t_max = cot_mask.shape
     a_max = answer_mask.shape[1]
 
-    suffix, s_len, h_all = _suffixes(
-        embedding, rollouts, t_len, a_len, continuous
-    )  # [N, S, d], [N], [N, T, d]
+    suffix, s_len, h_all = _suffixes(embedding, rollouts, t_len, a_len, cot)  # [N, S, d], [N], [N, T, d]
     prompt_ids = _prompts_first(rollouts.prompt_ids.to(device), prompt_mask, p_len)  # [N, P]
     shared = cfg.share_prompts and not _has_sliding_layers(model.config)
     body = _shared_prompt_body if shared else _packed_body
@@ -159,11 +163,17 @@ def sequence_log_probs(
     # --- scored positions: each CoT step and each sampled answer token, from the position before it
     rows, steps = cot_mask.nonzero(as_tuple=True)  # [M_c]
     cot_hidden = hidden_at(rows, p_len[rows] + steps - 1)  # [M_c, H]
-    if continuous:
+    if cot.gaussian:
         assert h_all is not None
-        cot_targets = h_all[rows, steps]  # [M_c, d] the stored vectors h_t
+        cot_targets: tuple[torch.Tensor, ...] = (h_all[rows, steps],)  # [M_c, d] the stored vectors h_t
+    elif cot.mixture:
+        assert rollouts.cot_mix_ids is not None and rollouts.cot_mix_logits is not None
+        cot_targets = (  # [M_c, K] each: the mixed tokens and their logits
+            rollouts.cot_mix_ids.to(device)[rows, steps],
+            rollouts.cot_mix_logits.to(device)[rows, steps],
+        )
     else:
-        cot_targets = rollouts.cot_ids.to(device)[rows, steps]  # [M_c] the sampled tokens c_t
+        cot_targets = (rollouts.cot_ids.to(device)[rows, steps],)  # [M_c] the sampled tokens c_t
     a_rows, a_steps = action_mask.nonzero(as_tuple=True)  # [M_a]
     ans_hidden = hidden_at(a_rows, p_len[a_rows] + t_len[a_rows] + a_steps - 1)  # [M_a, H]
     tokens = rollouts.answer_ids.to(device)[a_rows, a_steps]  # [M_a]
@@ -191,7 +201,7 @@ def sequence_log_probs(
         answer=scatter(a_rows, a_steps, scores.answer, a_max),  # [N, A]
         answer_mask=action_mask,
         mu=None if scores.mu is None else scatter(rows, steps, scores.mu, t_max),  # [N, T, d]
-        sigma=rollouts.sigma if continuous else 0.0,
+        sigma=rollouts.sigma if cot.gaussian else 0.0,
         cot_entropy=scatter(rows, steps, scores.cot_entropy, t_max),
         answer_entropy=scatter(a_rows, a_steps, scores.answer_entropy, a_max),
     )
@@ -218,18 +228,31 @@ def _check_rollouts(rollouts: Rollouts, cot: CotConfig, answer_top_p: float) -> 
             f"(mode={rollouts.cot_mode!r}, temperature={rollouts.temperature})"
         )
     _check_sampling(rollouts, cot, answer_top_p)
-    if cot.continuous and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
+    if cot.gaussian and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
         raise ValueError(
             f"{cot.mode} CoT needs stored cot_inputs and sigma > 0 to score Gaussian actions "
             f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
         )
+    if cot.mixture:
+        mix = rollouts.cot_mix_ids
+        if mix is None or rollouts.cot_mix_logits is None or mix.shape[-1] != cot.mix_width:
+            raise ValueError(
+                f"{cot.mode} CoT needs the stored mixture tokens of width {cot.mix_width} "
+                f"(got {None if mix is None else tuple(mix.shape)})"
+            )
+        if (cot.mode == "multiplex" and cot.temperature == 0) or (
+            cot.mode == "gumbel" and rollouts.sigma <= 0
+        ):
+            raise ValueError(f"greedy {cot.mode} rollouts are a point mass: they have no density to score")
 
 
 def _suffixes(
-    embedding: torch.nn.Module, rollouts: Rollouts, t_len: torch.Tensor, a_len: torch.Tensor, continuous: bool
+    embedding: torch.nn.Module, rollouts: Rollouts, t_len: torch.Tensor, a_len: torch.Tensor, cot: CotConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each row's suffix [CoT inputs ; answer tokens ; right padding] as input vectors [N, S, d] (S = the longest
-    suffix), its length s_len [N], and the stored CoT vectors h [N, T, d] as float32 constants (None for hard)."""
+    suffix), its length s_len [N], and the stored CoT vectors h [N, T, d] as float32 constants (soft / fuzzy;
+    None otherwise). Hard CoT inputs are E[c_t] and mixture inputs Σ_k w_k E[c_k], both through the embedding
+    module (with E's gradient)."""
     device, dtype = embedding.weight.device, embedding.weight.dtype
     n, t_max = rollouts.cot_mask.shape
     a_max = rollouts.answer_mask.shape[1]
@@ -241,17 +264,44 @@ def _suffixes(
     cot_index = spos.clamp(0, max(t_max - 1, 0)).expand(n, -1)  # [N, S] CoT step at each position
     answer_index = (spos - t_len[:, None]).clamp(0, a_max - 1)  # [N, S]
     suffix_ids = torch.where(in_answer, rollouts.answer_ids.to(device).gather(1, answer_index), 0)  # [N, S]
-    if not continuous and t_max > 0:
+    if cot.mode == "hard" and t_max > 0:
         suffix_ids = torch.where(in_cot, rollouts.cot_ids.to(device).gather(1, cot_index), suffix_ids)
     suffix = embedding(suffix_ids)  # [N, S, d]
     h_all: torch.Tensor | None = None
-    if continuous:
+    cot_vectors = None  # [N, T, d] the CoT inputs, for the vector modes
+    if cot.gaussian:
         assert rollouts.cot_inputs is not None
         h_all = rollouts.cot_inputs.to(device=device, dtype=torch.float32).detach()  # [N, T, d] constants
-        if t_max > 0:
-            h_seq = h_all.gather(1, cot_index[..., None].expand(-1, -1, h_all.shape[-1]))  # [N, S, d]
-            suffix = torch.where(in_cot[..., None], h_seq.to(dtype), suffix)
+        cot_vectors = h_all
+    elif cot.mixture:
+        cot_vectors = _mixture_inputs(embedding, rollouts, cot)
+    if cot_vectors is not None and t_max > 0:
+        h_seq = cot_vectors.gather(1, cot_index[..., None].expand(-1, -1, cot_vectors.shape[-1]))  # [N, S, d]
+        suffix = torch.where(in_cot[..., None], h_seq.to(dtype), suffix)
     return suffix, s_len, h_all
+
+
+def _mixture_inputs(embedding: torch.nn.Module, rollouts: Rollouts, cot: CotConfig) -> torch.Tensor:
+    """h_t = Σ_k w_k E(θ)[c_k] [N, T, d] float32 from the stored tokens and mix logits (`mixture_weights`), after
+    checking they rebuild the vectors the rollout fed (another τ_g or weighting would silently train on other
+    inputs than the ones that produced the rewards)."""
+    assert rollouts.cot_mix_ids is not None and rollouts.cot_mix_logits is not None
+    device = embedding.weight.device
+    ids = rollouts.cot_mix_ids.to(device)  # [N, T, K]
+    w = mixture_weights(rollouts.cot_mix_logits.to(device), cot)  # [N, T, K]
+    h = (embedding(ids).float() * w[..., None]).sum(dim=-2)  # [N, T, d], as `rollouts.modes.mixture_inputs`
+    fed = rollouts.cot_inputs
+    if fed is not None:
+        mask = rollouts.cot_mask.to(device)[..., None]  # [N, T, 1]
+        err = ((h.detach() - fed.to(device).float()) * mask).abs().max() if fed.numel() else torch.tensor(0.0)
+        scale = fed.abs().max().clamp(min=1e-6) if fed.numel() else 1.0
+        if float(err) > 1e-3 * float(scale):
+            raise ValueError(
+                f"{cot.mode} CoT: the stored tokens and mix logits rebuild inputs {float(err):.3g} away from the "
+                f"vectors the rollout fed (cot.gumbel_temperature={cot.gumbel_temperature}, "
+                f"cot.multiplex_weights={cot.multiplex_weights!r}: are they the rollout's?)"
+            )
+    return h
 
 
 def _prompts_first(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, p_len: torch.Tensor) -> torch.Tensor:
@@ -306,7 +356,9 @@ class ActionScorer(torch.nn.Module):
     def forward(
         self,
         cot_hidden: torch.Tensor,  # [M_c, H]
-        cot_targets: torch.Tensor,  # [M_c, d] stored vectors h_t (soft / fuzzy) or [M_c] token ids (hard)
+        # (stored vectors h_t [M_c, d],) for soft / fuzzy, (token ids [M_c],) for hard, (mixed tokens [M_c, K],
+        # mix logits [M_c, K]) for multiplex / gumbel
+        cot_targets: tuple[torch.Tensor, ...],
         answer_hidden: torch.Tensor,  # [M_a, H]
         answer_tokens: torch.Tensor,  # [M_a]
         *,
@@ -328,7 +380,7 @@ class ActionScorer(torch.nn.Module):
             return z
 
         mu: torch.Tensor | None = None
-        if cot.continuous:
+        if cot.gaussian:
             # [V, d]: μ's gradient reaches E here unless the config detaches it
             emb_weight = input_embedding_matrix(model, detach=not cfg.mean_grad_through_embedding)
 
@@ -337,14 +389,24 @@ class ActionScorer(torch.nn.Module):
                 mu = mixture_mean(logp.exp(), emb_weight)  # [M, d] float32
                 return gaussian_log_prob(h, mu, sigma), mu, entropy(logp.detach())
 
-            cot_lp, mu, cot_ent = _chunked(soft_chunk, (cot_hidden, cot_targets), cfg.chunk_size)
+            cot_lp, mu, cot_ent = _chunked(soft_chunk, (cot_hidden, *cot_targets), cfg.chunk_size)
+        elif cot.mixture:
+
+            def mixture_chunk(
+                x: torch.Tensor, ids: torch.Tensor, mix_logits: torch.Tensor
+            ) -> tuple[torch.Tensor, ...]:
+                z = logits_of(x)  # [M, V]
+                logp = cot_log_probs(z, cot)  # [M, V]
+                return mixture_log_prob(z, logp, ids, mix_logits, cot, sigma), entropy(logp.detach())
+
+            cot_lp, cot_ent = _chunked(mixture_chunk, (cot_hidden, *cot_targets), cfg.chunk_size)
         else:
 
             def hard_chunk(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 logp = cot_log_probs(logits_of(x), cot)  # [M, V]
                 return logp.gather(1, c[:, None]).squeeze(1), entropy(logp.detach())
 
-            cot_lp, cot_ent = _chunked(hard_chunk, (cot_hidden, cot_targets), cfg.chunk_size)
+            cot_lp, cot_ent = _chunked(hard_chunk, (cot_hidden, *cot_targets), cfg.chunk_size)
 
         # answer tokens: the sampled ones only (the forced delimiter is context)
         def answer_chunk(x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -99,17 +99,23 @@ def embedding_rms_by_kind(embedding: torch.Tensor) -> dict[str, float]:
 
 
 def noise_sigma(embedding: torch.Tensor, cfg: CotConfig) -> float:
-    """σ = noise_scale × rms(E) for continuous modes, 0 for hard. Computed once from the starting E."""
+    """σ of `sigma_from_rms` (noise_scale × rms(E) for soft / fuzzy). Computed once from the starting E."""
     return sigma_from_rms(cfg, {cfg.rms: embedding_rms(embedding, cfg.rms)})
 
 
 def sigma_from_rms(cfg: CotConfig, rms: dict[str, float]) -> float:
-    """σ = noise_scale × rms[cfg.rms] for continuous modes, 0 for hard, from rms(E) measured earlier (per kind):
-    a run's starting embeddings, kept with the run and with the models it writes.
+    """The scale σ of a CoT step's continuous noise, from rms(E) measured earlier (per kind): a run's starting
+    embeddings, kept with the run and with the models it writes. Soft / fuzzy: the Gaussian std
+    noise_scale × rms[cfg.rms]; gumbel: the Gumbel scale β = noise_scale (on log-probabilities, not on E);
+    hard and multiplex: 0.
 
     >>> sigma_from_rms(CotConfig(noise_scale=0.5, rms="row"), {"entry": 1.0, "row": 3.0})
     1.5
+    >>> sigma_from_rms(CotConfig(mode="gumbel", noise_scale=1.0), {"entry": 1.0, "row": 3.0})
+    1.0
     """
-    if not cfg.continuous or cfg.noise_scale == 0:
+    if cfg.mode == "gumbel":
+        return cfg.noise_scale
+    if not cfg.gaussian or cfg.noise_scale == 0:
         return 0.0
     return cfg.noise_scale * rms[cfg.rms]

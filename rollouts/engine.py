@@ -94,6 +94,8 @@ class DecodeState:
     sampled: torch.Tensor  # [N] int64, answer tokens sampled (the max_answer_tokens budget)
     think_end: torch.Tensor  # [N] int64, index into THINK_END_REASONS
     cot_inputs: torch.Tensor | None  # [N, T, d] float32 (None for hard: inputs are E[cot_ids])
+    cot_mix_ids: torch.Tensor | None  # [N, T, K] int64 (multiplex / gumbel; None otherwise)
+    cot_mix_logits: torch.Tensor | None  # [N, T, K] float32 (multiplex / gumbel; None otherwise)
     cot_ids: torch.Tensor  # [N, T] int64
     cot_top1: torch.Tensor  # [N, T] int64
     cot_entropy: torch.Tensor  # [N, T] float32
@@ -126,6 +128,8 @@ class DecodeState:
             sampled=zeros(n),
             think_end=zeros(n),
             cot_inputs=zeros(n, t_buf, d, dtype=torch.float32) if cfg.continuous else None,
+            cot_mix_ids=zeros(n, t_buf, cfg.mix_width) if cfg.mixture else None,
+            cot_mix_logits=zeros(n, t_buf, cfg.mix_width, dtype=torch.float32) if cfg.mixture else None,
             cot_ids=zeros(n, t_buf),
             cot_top1=zeros(n, t_buf),
             cot_entropy=zeros(n, t_buf, dtype=torch.float32),
@@ -209,7 +213,7 @@ class Stepper:
         log_p = cot_log_probs(logits, self.cfg)  # [N, V] float32
         step_entropy = entropy(log_p)  # [N]
         top1 = log_p.argmax(dim=-1)  # [N]
-        act = self.action(log_p, self.embedding, noise.cot)
+        act = self.action(log_p, self.embedding, noise.cot, logits)
 
         thinking = st.phase == THINK  # [N]
         reason = self.detector.check(act.ids, st.cot_len)  # [N]
@@ -229,6 +233,9 @@ class Stepper:
 
         if st.cot_inputs is not None:
             _write(st.cot_inputs, st.cot_len, act.inputs, thinking)
+        if st.cot_mix_ids is not None and st.cot_mix_logits is not None:
+            _write(st.cot_mix_ids, st.cot_len, act.mix_ids, thinking)
+            _write(st.cot_mix_logits, st.cot_len, act.mix_logits, thinking)
         _write(st.cot_ids, st.cot_len, act.ids, thinking)
         _write(st.cot_top1, st.cot_len, top1, thinking)
         _write(st.cot_entropy, st.cot_len, step_entropy, thinking)
@@ -295,8 +302,10 @@ def check_request(group_size: int, sigma: float, cfg: CotConfig) -> None:
     """The arguments every engine refuses alike."""
     if group_size < 1:
         raise ValueError(f"group_size={group_size}: must be >= 1")
-    if sigma < 0 or (sigma > 0 and not cfg.continuous):
-        raise ValueError(f"sigma={sigma} with cot.mode={cfg.mode}: need sigma >= 0, and 0 for hard")
+    if sigma < 0 or (sigma > 0 and not (cfg.gaussian or cfg.mode == "gumbel")):
+        raise ValueError(
+            f"sigma={sigma} with cot.mode={cfg.mode}: need sigma >= 0, and 0 for hard and multiplex"
+        )
 
 
 def decode_steps(cfg: CotConfig, stop: StopSpec) -> int:
@@ -378,6 +387,10 @@ def finish(
     cot_inputs = None
     if st.cot_inputs is not None:
         cot_inputs = st.cot_inputs[:, :t_len] * cot_mask[:, :, None]  # [N, T, d]
+    mix_ids = mix_logits = None
+    if st.cot_mix_ids is not None and st.cot_mix_logits is not None:
+        mix_ids = st.cot_mix_ids[:, :t_len].masked_fill(~cot_mask[:, :, None], pad_id)  # [N, T, K]
+        mix_logits = st.cot_mix_logits[:, :t_len].masked_fill(~cot_mask[:, :, None], 0.0)  # [N, T, K]
     return Rollouts(
         cot_mode=cfg.mode,
         prompt_ids=prompts,
@@ -387,6 +400,8 @@ def finish(
         ),
         cot_ids=st.cot_ids[:, :t_len].masked_fill(~cot_mask, pad_id),
         cot_inputs=cot_inputs,
+        cot_mix_ids=mix_ids,
+        cot_mix_logits=mix_logits,
         cot_top1_ids=st.cot_top1[:, :t_len].masked_fill(~cot_mask, pad_id),
         cot_mask=cot_mask,
         cot_entropy=st.cot_entropy[:, :t_len] * cot_mask,

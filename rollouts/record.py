@@ -54,12 +54,15 @@ class Rollouts:
     answer_ids[i][:answer_lengths[i]]. CoT input t was produced from the logits at the position before it.
     """
 
-    cot_mode: str  # hard | soft | fuzzy
+    cot_mode: str  # hard | soft | fuzzy | multiplex | gumbel
     prompt_ids: torch.Tensor  # [N, P] int64, left-padded with the pad id
     prompt_mask: torch.Tensor  # [N, P] bool, True on real prompt tokens
     group_index: torch.Tensor  # [N] int64, which prompt (0..N/G-1) each row belongs to
-    cot_ids: torch.Tensor  # [N, T] int64: hard = sampled token ids; soft/fuzzy = top-1 ids; pad past length
-    cot_inputs: torch.Tensor | None  # [N, T, d] float32 h_t for soft/fuzzy (zeros past length); None for hard
+    # [N, T] int64, the stream tokens (rollouts.modes.CotAction.ids): hard = sampled ids; soft / fuzzy = top-1
+    # ids; multiplex = the first draw; gumbel = the Gumbel-max token; pad past length
+    cot_ids: torch.Tensor
+    # [N, T, d] float32 h_t, the fed vectors of soft / fuzzy / multiplex / gumbel (zeros past length); None for hard
+    cot_inputs: torch.Tensor | None
     cot_top1_ids: torch.Tensor  # [N, T] int64
     cot_mask: torch.Tensor  # [N, T] bool, True on real CoT steps
     cot_entropy: torch.Tensor  # [N, T] float32, H(p_t) of the (filtered, tempered) CoT distribution, nats
@@ -69,7 +72,7 @@ class Rollouts:
     answer_action_mask: torch.Tensor  # [N, A] bool, True on sampled answer tokens (forced delimiter excluded)
     answer_logprobs: torch.Tensor  # [N, A] float32 behaviour log-prob (0 where not an action)
     think_end: torch.Tensor  # [N] int64 index into THINK_END_REASONS
-    sigma: float  # noise std σ used for the Gaussian CoT steps (0 for hard or noiseless)
+    sigma: float  # noise scale of the CoT steps: Gaussian std σ (soft / fuzzy), Gumbel β (gumbel); else 0
     temperature: float  # CoT temperature τ
     answer_texts: list[str] = field(default_factory=list)  # N decoded answer phases (filled by the engine)
     # How the tokens were drawn, which the learner must reuse to score them (see `SAMPLING_FIELDS`):
@@ -77,6 +80,11 @@ class Rollouts:
     top_p: float = 1.0  # CoT filter nucleus mass (CotConfig.top_p; 1.0 = off)
     min_p: float = 0.0  # CoT filter min-p floor (CotConfig.min_p; 0.0 = off)
     answer_top_p: float = 1.0  # nucleus of the answer tokens (CotConfig.answer_top_p; 1.0 = off)
+    # multiplex / gumbel (None otherwise): the K tokens each step mixes (multiplex: its draws; gumbel: the top-k
+    # support) [N, T, K] int64, and their logits [N, T, K] float32 (multiplex: log p_t of each draw; gumbel: the
+    # perturbed logits x), from which the weights are a function (`rollouts.modes.mixture_weights`)
+    cot_mix_ids: torch.Tensor | None = None
+    cot_mix_logits: torch.Tensor | None = None
 
     @property
     def sampling(self) -> dict[str, int | float]:
@@ -165,6 +173,8 @@ class Rollouts:
             group_index=take(self.group_index),
             cot_ids=take(self.cot_ids),
             cot_inputs=take(self.cot_inputs),
+            cot_mix_ids=take(self.cot_mix_ids),
+            cot_mix_logits=take(self.cot_mix_logits),
             cot_top1_ids=take(self.cot_top1_ids),
             cot_mask=take(self.cot_mask),
             cot_entropy=take(self.cot_entropy),
@@ -232,6 +242,8 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int = 0) -> Rollouts:
         group_index=torch.cat(groups),
         cot_ids=cat("cot_ids", t_len, pad_id),
         cot_inputs=None if first.cot_inputs is None else cat("cot_inputs", t_len, 0.0),
+        cot_mix_ids=None if first.cot_mix_ids is None else cat("cot_mix_ids", t_len, pad_id),
+        cot_mix_logits=None if first.cot_mix_logits is None else cat("cot_mix_logits", t_len, 0.0),
         cot_top1_ids=cat("cot_top1_ids", t_len, pad_id),
         cot_mask=cat("cot_mask", t_len, False),
         cot_entropy=cat("cot_entropy", t_len, 0.0),
