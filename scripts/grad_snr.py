@@ -1,78 +1,86 @@
-"""Gradient signal-to-noise of the CoT term and the answer term of the learner objective.
+"""Gradient signal-to-noise of the CoT term and the answer term, over CoT settings × batch sizes (JSON lines).
 
-    python scripts/grad_snr.py cot=soft --batches 6
-    python scripts/grad_snr.py cot=hard --batches 6 --prompts 16
+    python scripts/grad_snr.py                                   # the built-in study (README: gradient signal)
+    python scripts/grad_snr.py --setting "cot=soft cot.noise_scale=1.0" --prompts 4 16 --batches 6
 
-Draws `--batches` independent rollout batches on the SAME `--prompts` training problems (only the sampling seed
-differs), and for each computes the gradient of the CoT term and of the answer term separately. For each term it
-prints the mean per-batch gradient norm, the mean pairwise cosine between batches and SNR = ‖E g‖² / E‖g - E g‖²
-(`rl.diagnostics`): a cosine near 0 means one batch's gradient is almost all noise. The terms are taken
-unweighted (cot_weight = gaussian_weight = 1), so the tiny recipe's switched-off Gaussian term is measured too.
-The remaining arguments are Hydra overrides of recipes/train.yaml.
+Each `--setting` is a space-separated list of Hydra overrides of recipes/train.yaml (a CoT mode and its noise
+scale, τ_g or K); each runs at every `--prompts` value (problems per batch, × G rollouts). For each term it prints
+one JSON line: the mean gradient norm, the mean pairwise cosine between `--batches` independent batches on the
+same problems, and SNR = ‖E g‖² / E‖g - E g‖² (`rl.grad_signal`). `--out` also writes them to a file and
+`--plot` draws SNR against the batch size. The remaining arguments are overrides applied to every setting.
 """
 
 import argparse
+import json
+import shlex
+from dataclasses import asdict
 
 import _bootstrap  # noqa: F401
-import torch
 from train import build_trainer
 
 from rewards.pool import RewardPool
-from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
-from rl.diagnostics import gradient_agreement
-from rl.learner import learner_log_probs
-from rl.loss import policy_loss
+from rl.grad_signal import plot_signals, term_signals
+
+STUDY = (
+    "cot=hard",
+    "cot=multiplex",
+    "cot=multiplex cot.multiplex_k=1",
+    "cot=gumbel",
+    "cot=gumbel cot.gumbel_temperature=0.25",
+    "cot=soft cot.noise_scale=0.1",
+    "cot=soft",
+    "cot=soft cot.noise_scale=1.0",
+    "cot=fuzzy",
+)
+"""The README's study: every CoT mode, the Gaussian modes at three noise scales, gumbel at two τ_g, multiplex at
+K = 3 and K = 1 (= hard)."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_intermixed_args()  # Hydra overrides may come before or after the options
+    ap.add_argument(
+        "--setting", action="append", help="overrides of one setting (repeatable; default: STUDY)"
+    )
+    ap.add_argument(
+        "--prompts", type=int, nargs="+", default=[4, 16], help="problems per batch (× G rollouts)"
+    )
+    ap.add_argument("--batches", type=int, default=6, help="independent batches per setting and batch size")
+    ap.add_argument("--out", help="also write the JSON lines here")
+    ap.add_argument("--plot", help="draw SNR against the batch size into this PNG")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides applied to every setting")
+    args = ap.parse_intermixed_args()
     register_configs()
-    raw = compose(
-        "train",
-        [
-            *args.overrides,
-            "output_dir=/tmp/grad_snr",
-            "trainer.resume=never",
-            "rl.loss.gaussian_weight=1",
-            "rl.loss.cot_weight=1",
-        ],
-    )
-    prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
-    cfg = to_object(raw, TrainConfig)
-    cfg.trainer.prompts_per_step = args.prompts
-    trainer = build_trainer(cfg)
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    grads: dict[str, list[torch.Tensor]] = {"cot": [], "answer": []}
-    with RewardPool(cfg.reward) as pool:
-        for b in range(args.batches):
-            rollouts, problems = trainer.rollout(step=1000 + b, start=0)  # the same prompts every batch
-            rewards = trainer.judge(pool, rollouts, problems).rewards
-            adv = compute_advantages(rewards, rollouts.group_index, cfg.rl.advantages)
-            new = learner_log_probs(trainer.model, rollouts, cfg.cot, cfg.rl.logprobs)
-            out = policy_loss(new, adv, cfg.rl.loss)
-            for name, term in (("cot", out.cot_loss), ("answer", out.loss - out.cot_loss)):
-                g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-                grads[name].append(
-                    torch.cat(
-                        [
-                            (x if x is not None else torch.zeros_like(p)).reshape(-1)
-                            for x, p in zip(g, params, strict=True)
-                        ]
-                    )
-                )
-            r = [x for x in rewards if x is not None]
-            print(f"batch {b}: reward mean {sum(r) / max(len(r), 1):.3f}", flush=True)
-    print(
-        f"mode={cfg.cot.mode} sigma={trainer.state.sigma:.4g} batches={args.batches} prompts={args.prompts}"
-    )
-    for name, gs in grads.items():
-        r = gradient_agreement(gs)
-        print(f"{name:>6}: |g| {r.mean_norm:.4g}  pairwise cos {r.mean_cosine:+.4f}  SNR {r.snr:.4g}")
+    rows = []
+    out = open(args.out, "w") if args.out else None  # noqa: SIM115 (written line by line as results come)
+    for setting in args.setting or STUDY:
+        for prompts in args.prompts:
+            overrides = [*shlex.split(setting), *args.overrides]
+            raw = compose(
+                "train",
+                [
+                    *overrides,
+                    "output_dir=/tmp/grad_snr",
+                    "trainer.resume=never",
+                    f"trainer.prompts_per_step={prompts}",
+                    f"trainer.rollout_chunk={prompts}",
+                ],
+            )
+            prepare_model(raw, overrides)  # the tiny base built if missing; a model directory's profile
+            trainer = build_trainer(to_object(raw, TrainConfig))
+            with RewardPool(trainer.cfg.reward) as pool:
+                for row in term_signals(trainer, pool, setting, args.batches):
+                    rows.append(row)
+                    line = json.dumps(asdict(row))
+                    print(line, flush=True)
+                    if out:
+                        out.write(line + "\n")
+                        out.flush()
+    if out:
+        out.close()
+    if args.plot:
+        plot_signals(rows, args.plot)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
