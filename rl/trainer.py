@@ -132,7 +132,8 @@ class RunParts:
     train_problems: list[Problem]
     eval_problems: list[Problem]
     eval_modes: dict[str, CotConfig] = field(default_factory=dict)  # name -> inference mode, primary first
-    engine: RolloutEngine = field(default_factory=EagerEngine)  # rollouts and evaluations (rollouts/engines.py)
+    # rollouts and evaluations (rollouts/engines.py)
+    engine: RolloutEngine = field(default_factory=EagerEngine)
 
 
 class Trainer:
