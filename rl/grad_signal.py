@@ -1,7 +1,8 @@
 """Gradient signal of each term of the learner objective (scripts/grad_snr.py).
 
-For one training configuration: draw `batches` independent rollout batches on the SAME `prompts` training problems
-(only the sampling seed differs), compute for each batch the gradient of the CoT term and of the answer term
+For one training configuration: draw `batches` independent rollout batches, either on the SAME `prompts` training
+problems (`draw="same"`: only the sampling seed differs) or each on FRESH problems (`draw="fresh"`: batch b takes
+the b-th block of `prompts` problems of the data order, as successive training steps do), compute for each batch the gradient of the CoT term and of the answer term
 separately (unweighted: `cot_weight = gaussian_weight = 1`, so a term a recipe switches off is measured too), and
 summarise each term over the batches with `rl.diagnostics.gradient_agreement`:
 
@@ -11,11 +12,17 @@ summarise each term over the batches with `rl.diagnostics.gradient_agreement`:
 
 An estimator with signal has an SNR that grows with the batch (about linearly: the noise variance falls as 1/B
 and the expected gradient does not move); pure noise stays at SNR ≈ 0 whatever the batch.
+
+The two draws measure different things. On the same problems the expected gradient includes what is particular
+to those problems (fitting them: the direction that raises their reward, held-out or not); on fresh problems
+only what successive training batches share survives the mean, the part that can carry to held-out problems.
+Training steps draw fresh problems, so the fresh SNR is the one that predicts a held-out lift.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +33,7 @@ from rl.learner import learner_log_probs
 from rl.loss import policy_loss
 
 TERMS = ("cot", "answer")
+DRAWS = ("same", "fresh")
 
 
 @dataclass
@@ -35,6 +43,7 @@ class TermSignal:
     setting: str  # the setting's overrides, as given
     mode: str  # the CoT mode
     prompts: int  # training problems per batch (rollouts = prompts × G)
+    draw: str  # same | fresh: every batch on the same problems, or each on its own (module docstring)
     term: str  # cot | answer
     norm: float
     cosine: float
@@ -53,21 +62,30 @@ def flat_grad(term: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Ten
     )
 
 
-def term_signals(trainer, pool: RewardPool, setting: str, batches: int) -> list[TermSignal]:
-    """The `TermSignal` of each term for `trainer`'s configuration (its `trainer.prompts_per_step` problems, the
-    first ones of its data order, every batch; batch b is sampled as training step 1000 + b)."""
+def term_signals(
+    trainer, pool: RewardPool, setting: str, batches: int, draw: str = "same"
+) -> list[TermSignal]:
+    """The `TermSignal` of each term for `trainer`'s configuration: `trainer.prompts_per_step` problems per batch,
+    the first ones of its data order for every batch (`draw="same"`) or the b-th block of them for batch b
+    (`draw="fresh"`); batch b is sampled as training step 1000 + b."""
     if batches < 2:
         raise ValueError(f"batches={batches}: the agreement between batches needs at least 2")
+    if draw not in DRAWS:
+        raise ValueError(f"draw={draw!r}: expected one of {DRAWS}")
     cfg = trainer.cfg
+    unweighted = replace(
+        cfg.rl.loss, cot_weight=1.0, gaussian_weight=1.0
+    )  # a switched-off term is measured too
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     grads: dict[str, list[torch.Tensor]] = {term: [] for term in TERMS}
     rewards: list[float] = []
     for b in range(batches):
-        rollouts, problems = trainer.rollout(step=1000 + b, start=0)
+        start = b * cfg.trainer.prompts_per_step if draw == "fresh" else 0
+        rollouts, problems = trainer.rollout(step=1000 + b, start=start)
         judged = trainer.judge(pool, rollouts, problems).rewards
         adv = compute_advantages(judged, rollouts.group_index, cfg.rl.advantages)
         new = learner_log_probs(trainer.model, rollouts, cfg.cot, cfg.rl.logprobs)
-        out = policy_loss(new, adv, cfg.rl.loss)
+        out = policy_loss(new, adv, unweighted)
         grads["cot"].append(flat_grad(out.cot_loss, params))
         grads["answer"].append(flat_grad(out.loss - out.cot_loss, params))
         rewards += [r for r in judged if r is not None]
@@ -80,6 +98,7 @@ def term_signals(trainer, pool: RewardPool, setting: str, batches: int) -> list[
                 setting=setting,
                 mode=cfg.cot.mode,
                 prompts=cfg.trainer.prompts_per_step,
+                draw=draw,
                 term=term,
                 norm=r.mean_norm,
                 cosine=r.mean_cosine,
@@ -91,24 +110,35 @@ def term_signals(trainer, pool: RewardPool, setting: str, batches: int) -> list[
 
 
 def plot_signals(rows: list[TermSignal], path: str) -> None:
-    """SNR of each term against the batch size, one line per setting and term (log scale), into `path`."""
+    """SNR of each term against the batch size, one line per setting (log scale), one panel per draw and term,
+    into `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TERMS), figsize=(6 * len(TERMS), 4.5), sharey=True)
-    for ax, term in zip(axes, TERMS, strict=True):
-        for setting in dict.fromkeys(r.setting for r in rows):
-            pts = sorted((r.prompts, r.snr) for r in rows if r.setting == setting and r.term == term)
-            ax.plot([p for p, _ in pts], [max(s, 1e-4) for _, s in pts], marker="o", label=setting)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("prompts per batch (× G rollouts)")
-        ax.set_title(f"{term} term")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("gradient SNR (floored at 1e-4)")
-    axes[-1].legend(fontsize=7, loc="best")
+    draws = [d for d in DRAWS if any(r.draw == d for r in rows)]
+    fig, axes = plt.subplots(
+        len(draws), len(TERMS), figsize=(6 * len(TERMS), 4.5 * len(draws)), squeeze=False
+    )
+    for row_axes, draw in zip(axes, draws, strict=True):
+        for ax, term in zip(row_axes, TERMS, strict=True):
+            for setting in dict.fromkeys(r.setting for r in rows):
+                pts = sorted(
+                    (r.prompts, max(r.snr, 1e-4))
+                    for r in rows
+                    if (r.setting, r.term, r.draw) == (setting, term, draw) and math.isfinite(r.snr)
+                )  # an infinite SNR (every batch's gradient equal, e.g. all zero) is left out
+                if pts:
+                    ax.plot([p for p, _ in pts], [s for _, s in pts], marker="o", label=setting)
+            if ax.lines:  # an empty panel keeps linear axes (a log axis with no data cannot be drawn)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+            ax.set_xlabel("prompts per batch (× G rollouts)")
+            ax.set_title(f"{term} term, {draw} problems in every batch")
+            ax.grid(True, alpha=0.3)
+        row_axes[0].set_ylabel("gradient SNR (floored at 1e-4)")
+    axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -721,3 +721,44 @@ def test_learner_refuses_other_mixture_settings(cfg: CotConfig, key: str, other)
         sequence_log_probs(model, r, cfg)  # the generating settings are accepted
         with pytest.raises(ValueError, match=key):
             sequence_log_probs(model, r, dataclasses.replace(cfg, **{key: other}))
+
+
+# ------------------------------------------------------------------------------------------ the static engine
+
+
+@pytest.mark.parametrize("name", ["multiplex-llama-tied", "gumbel-qwen2-untied", "multiplex-prob-top_p"])
+def test_static_engine_draws_the_eager_records(name: str) -> None:
+    # the static engine runs the eager Stepper on a preallocated cache and draws the same noise in the same order.
+    # Its attention kernel rounds differently (~1e-7), and a fed mixture carries that into the next step's logits,
+    # where these random models amplify it (~30x per step, as in test_static_engine): so step 0 (the same prefix)
+    # gives the same K tokens (or support and perturbed logits) and the same fed mixture, and at every step the
+    # learner scores the static record as the static engine stored it (the rollout-vs-learner gap)
+    from rollouts.static_engine import StaticEngine
+
+    arch, tied, cfg = CASES[name]
+    model = model_for(arch, tied)
+    eager = run(model, cfg, seed=5)
+    static = StaticEngine(compile=False).generate(
+        model,
+        PROMPTS,
+        cfg,
+        group_size=2,
+        sigma=noise_sigma(input_embedding_matrix(model), cfg),
+        stop=StopSpec.on_ids((THINK_END,)),
+        eos_id=EOS,
+        pad_id=PAD,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(eager.cot_mix_ids[:, 0], static.cot_mix_ids[:, 0])
+    assert torch.equal(eager.cot_ids[:, 0], static.cot_ids[:, 0])
+    torch.testing.assert_close(static.cot_inputs[:, 0], eager.cot_inputs[:, 0], atol=INPUT_ATOL, rtol=0)
+    torch.testing.assert_close(
+        static.cot_mix_logits[:, 0], eager.cot_mix_logits[:, 0], atol=INPUT_ATOL, rtol=0, equal_nan=True
+    )
+    assert static.cot_lengths.min() >= 2, "the check needs steps past the first"
+    atol = LOGPROB_ATOL if cfg.mode == "multiplex" else GUMBEL_ATOL
+    with torch.no_grad():
+        lp = sequence_log_probs(model, static, cfg, LogProbConfig(chunk_size=5), answer_temperature=1.0)
+    torch.testing.assert_close(
+        lp.cot[static.cot_mask], static.cot_logprobs[static.cot_mask], atol=atol, rtol=0
+    )

@@ -86,7 +86,9 @@ def as_tested(command: str, tmp: Path) -> str | None:
     if command.startswith("python scripts/bench_learner.py"):
         return f"{moved} --repeats 1 {TRAIN_SHRINK}"
     if command.startswith("python scripts/grad_snr.py"):
-        return f"{moved} --batches 2 --prompts 2 {TRAIN_SHRINK}"
+        # the shrink goes first: `--prompts` takes every number after it
+        script = "python scripts/grad_snr.py"
+        return f"{moved.replace(script, f'{script} {TRAIN_SHRINK}', 1)} --batches 2 --prompts 2"
     if command.startswith(
         ("python scripts/score.py", "python scripts/sweep_report.py", "python -m pytest -m gpu")
     ):

@@ -231,7 +231,7 @@ def test_noise_per_coordinate_std() -> None:
     emb = torch.randn(v, d)
     log_p = torch.log_softmax(torch.randn(n, v), dim=-1)  # [n, V]
     eps = torch.randn((n, d), generator=torch.Generator().manual_seed(0))  # [n, d]
-    act = continuous_action(sigma)(log_p, emb, eps)
+    act = continuous_action(sigma)(log_p, emb, eps, log_p)  # the raw logits are only read by mixture modes
     noise = act.inputs - mixture_mean(log_p.exp(), emb)  # [n, d]
     std = noise.std(dim=0)  # [d]
     assert ((std / sigma - 1).abs() < 0.03).all(), std / sigma

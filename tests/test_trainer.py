@@ -42,7 +42,7 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("cot", ["soft", "fuzzy", "hard"])
+@pytest.mark.parametrize("cot", ["soft", "fuzzy", "hard", "multiplex", "gumbel"])
 def test_first_step_learner_matches_rollout_log_probs(tiny_base: Path, tmp_path: Path, cot: str) -> None:
     """At step 0 the learner's teacher-forced log-probs equal the engine's behaviour log-probs (float32). A gap
     of whole nats would mean rollout and learner compute different μ (DESIGN.md, Numerics)."""
@@ -55,6 +55,24 @@ def test_first_step_learner_matches_rollout_log_probs(tiny_base: Path, tmp_path:
     # Gaussian log-probs here are O(d) = O(100) nats; float32 agreement is ~1e-5 of that
     assert gap.cot < 1e-3, gap
     assert gap.answer < 1e-4, gap
+
+
+def test_mixture_mode_trains_and_evaluates_every_mixture_mode(tiny_base: Path, tmp_path: Path) -> None:
+    """cot=gumbel through the whole script: a training step (its loss, statistics, checkpoint) and the evaluation
+    of the four mixture inference modes, each with its pass@1 and lift in summary.json."""
+    out = tmp_path / "run"
+    modes = "trainer.eval_modes=[gumbel_sample,multiplex_sample,multiplex_greedy,gumbel_greedy]"
+    cfg = small_run(tiny_base, out, "cot=gumbel", "trainer.max_steps=1", modes, "trainer.eval_primary=gumbel_sample",
+                    "trainer.eval_problems=3", "trainer.eval_n=2")  # fmt: skip
+    cmd = [sys.executable, "scripts/train.py", *[a for a in cfg if not a.startswith("trainer.eval_modes=[]")]]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["noise_ratio"] == 0.0
+    after = json.loads((out / "summary.json").read_text())["eval_after"]
+    for mode in ("gumbel_sample", "multiplex_sample", "multiplex_greedy", "gumbel_greedy"):
+        assert len(after[mode]["per_problem_pass@1"]) == 3 and after[mode]["lift_pass@1"]["problems"] == 3
 
 
 def test_kill_and_resume_equals_straight_run(tiny_base: Path, tmp_path: Path) -> None:

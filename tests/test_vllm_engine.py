@@ -796,6 +796,12 @@ def test_vllm_reason_refusals() -> None:
     soft = CotConfig(name="soft_greedy", mode="soft", temperature=0.5, noise_scale=0.0)
     cold = hard(name="hard_cold", entropy_stop_threshold=0.3)
     assert "checkpoint directory" in vllm_reason(None, [hard()], cuda)
+    for mixture in (
+        CotConfig(name="multiplex_greedy", mode="multiplex", temperature=0.0, noise_scale=0.0),
+        CotConfig(name="gumbel_sample", mode="gumbel", noise_scale=1.0),
+    ):  # a mixture of embeddings is fed: not a token vLLM can take
+        assert "hard tokens only" in vllm_reason("ckpt", [hard(), mixture], cuda)
+        assert mixture.name in vllm_reason("ckpt", [hard(), mixture], cuda)
     assert "hard tokens only" in vllm_reason("ckpt", [hard(), soft], cuda) and "soft_greedy" in vllm_reason(
         "ckpt", [hard(), soft], cuda
     )
