@@ -27,16 +27,16 @@ from rl.grad_signal import DRAWS, plot_signals, term_signals
 STUDY = (
     "cot=hard",
     "cot=multiplex",
-    "cot=multiplex cot.multiplex_k=1",
+    "cot=multiplex cot.multiplex_weights=prob",
     "cot=gumbel",
     "cot=gumbel cot.gumbel_temperature=0.25",
-    "cot=soft cot.noise_scale=0.1",
     "cot=soft",
     "cot=soft cot.noise_scale=1.0",
     "cot=fuzzy",
 )
-"""The README's study: every CoT mode, the Gaussian modes at three noise scales, gumbel at two τ_g, multiplex at
-K = 3 and K = 1 (= hard)."""
+"""The README's study: every CoT mode at its recipe, the soft mode at a larger noise scale, gumbel at the τ_g that
+SofT-GRPO reports collapsing, multiplex with p-weighted mixtures (multiplex at K = 1 is hard exactly:
+tests/test_mixture_modes.py)."""
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         "--setting", action="append", help="overrides of one setting (repeatable; default: STUDY)"
     )
     ap.add_argument(
-        "--prompts", type=int, nargs="+", default=[4, 16], help="problems per batch (× G rollouts)"
+        "--prompts", type=int, nargs="+", default=[8, 32], help="problems per batch (× G rollouts)"
     )
     ap.add_argument("--batches", type=int, default=6, help="independent batches per setting and batch size")
     ap.add_argument(

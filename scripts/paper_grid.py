@@ -66,12 +66,10 @@ def main() -> None:
         jobs = [(t, s) for s in args.seeds for t in args.train]
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [pool.submit(launch, root, t, s, args.infer, args.overrides) for t, s in jobs]
-            for fut in futures:
+            for k, fut in enumerate(futures, 1):
                 name, rc, seconds = fut.result()
-                print(
-                    f"{name}: {'done' if rc == 0 else f'FAILED (exit {rc}, see {root / name}.log)'} in {seconds:.0f} s",
-                    flush=True,
-                )
+                state = "done" if rc == 0 else f"FAILED (exit {rc}, see {root / name}.log)"
+                print(f"[{k}/{len(jobs)}] {name}: {state} in {seconds:.0f} s", flush=True)
                 if rc != 0:
                     raise SystemExit(f"run {name} failed: {root / name}.log")
     table = markdown(read_cells(root, args.train, args.infer, args.seeds))
