@@ -726,7 +726,7 @@ def test_learner_refuses_other_mixture_settings(cfg: CotConfig, key: str, other)
 # ------------------------------------------------------------------------------------------ the static engine
 
 
-@pytest.mark.parametrize("name", ["multiplex-llama-tied", "gumbel-qwen2-untied", "multiplex-prob-top_p"])
+@pytest.mark.parametrize("name", ["multiplex-prob-top_p", "gumbel-qwen2-untied"])
 def test_static_engine_draws_the_eager_records(name: str) -> None:
     # the static engine runs the eager Stepper on a preallocated cache and draws the same noise in the same order.
     # Its attention kernel rounds differently (~1e-7), and a fed mixture carries that into the next step's logits,

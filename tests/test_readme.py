@@ -85,12 +85,12 @@ def as_tested(command: str, tmp: Path) -> str | None:
         return f"{moved} --new-tokens 4 --repeats 1 --batch 2 --modes hard"  # one mode: one compile
     if command.startswith("python scripts/bench_learner.py"):
         return f"{moved} --repeats 1 {TRAIN_SHRINK}"
-    if command.startswith("python scripts/paper_grid.py"):  # two 1-step runs, evaluated on 2 problems x 8
+    if command.startswith("python scripts/paper_grid.py"):  # one 1-step run, evaluated on 2 problems x 8
         script = "python scripts/paper_grid.py"
         shrink = (
             TRAIN_SHRINK.replace("trainer.eval_modes=[] ", "") + " trainer.eval_problems=2 trainer.eval_n=8"
         )
-        return f"{moved.replace(script, f'{script} {shrink}', 1)} --train hard multiplex --seeds 0 --infer hard_greedy multiplex_sample"
+        return f"{moved.replace(script, f'{script} {shrink}', 1)} --train multiplex --seeds 0 --infer hard_greedy multiplex_sample"
     if command.startswith("python scripts/grad_snr.py"):
         # the shrink goes first: `--prompts` takes every number after it
         script = "python scripts/grad_snr.py"
