@@ -109,6 +109,29 @@ def term_signals(
     return out_rows
 
 
+def markdown(rows: list[TermSignal]) -> str:
+    """One table row per (setting, batch size): each term's mean gradient norm, and its pairwise cosine and SNR on
+    the same and on fresh problems (a draw not measured shows as -)."""
+    cells = {(r.setting, r.prompts, r.term, r.draw): r for r in rows}
+    lines = [
+        "| setting | prompts | CoT norm | CoT cos / SNR, same | CoT cos / SNR, fresh "
+        "| answer norm | answer cos / SNR, same | answer cos / SNR, fresh |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, prompts in dict.fromkeys((r.setting, r.prompts) for r in rows):
+        out = [setting, str(prompts)]
+        for term in TERMS:
+            measured = [
+                cells[setting, prompts, term, d] for d in DRAWS if (setting, prompts, term, d) in cells
+            ]
+            out.append(f"{sum(r.norm for r in measured) / len(measured):.3f}" if measured else "-")
+            for draw in DRAWS:
+                r = cells.get((setting, prompts, term, draw))
+                out.append(f"{r.cosine:+.3f} / {r.snr:.3f}" if r else "-")
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
 def plot_signals(rows: list[TermSignal], path: str) -> None:
     """SNR of each term against the batch size, one line per setting (log scale), one panel per draw and term,
     into `path`."""

@@ -1,14 +1,15 @@
 """Gradient signal-to-noise of the CoT term and the answer term, over CoT settings × batch sizes (JSON lines).
 
     python scripts/grad_snr.py                                   # the built-in study (README: gradient signal)
-    python scripts/grad_snr.py --setting "cot=soft cot.noise_scale=1.0" --prompts 4 16 --batches 6
+    python scripts/grad_snr.py --setting "cot=soft cot.noise_scale=1.0" --prompts 8 32 --batches 6
 
 Each `--setting` is a space-separated list of Hydra overrides of recipes/train.yaml (a CoT mode and its noise
 scale, τ_g or K); each runs at every `--prompts` value (problems per batch, × G rollouts), with the batches on the
 same problems and on fresh ones (`--draws`; rl/grad_signal.py says what each measures). For each term it prints
-one JSON line: the mean gradient norm, the mean pairwise cosine between `--batches` independent batches on the
-same problems, and SNR = ‖E g‖² / E‖g - E g‖² (`rl.grad_signal`). `--out` also writes them to a file and
-`--plot` draws SNR against the batch size. The remaining arguments are overrides applied to every setting.
+one JSON line: the mean gradient norm, the mean pairwise cosine between the `--batches` independent batches, and
+SNR = ‖E g‖² / E‖g - E g‖² (`rl.grad_signal`); a markdown table of all of them comes last. `--out` also writes
+the lines to a file and `--plot` draws SNR against the batch size. The remaining arguments are overrides applied
+to every setting.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from train import build_trainer
 
 from rewards.pool import RewardPool
 from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
-from rl.grad_signal import DRAWS, plot_signals, term_signals
+from rl.grad_signal import DRAWS, markdown, plot_signals, term_signals
 
 STUDY = (
     "cot=hard",
@@ -91,6 +92,7 @@ def main() -> None:
                             out.flush()
     if out:
         out.close()
+    print(markdown(rows))
     if args.plot:
         plot_signals(rows, args.plot)
         print(f"plot: {args.plot}")

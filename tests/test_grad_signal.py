@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rewards.pool import RewardPool
-from rl.grad_signal import term_signals
+from rl.grad_signal import TermSignal, markdown, term_signals
 from tests.test_trainer import make_trainer, small_run
 
 
@@ -25,3 +25,16 @@ def test_batches_draw_the_same_or_fresh_problems(tiny_base: Path, tmp_path: Path
             ]
             # gaussian_weight=0 switches the soft CoT term off in training; the study measures it unweighted
             assert rows[0].norm > 0 and rows[1].norm > 0
+
+
+def test_markdown_table_rows() -> None:
+    def row(term: str, draw: str, norm: float, cos: float, snr: float) -> TermSignal:
+        return TermSignal("cot=hard", "hard", 8, draw, term, norm, cos, snr, 0.2)
+
+    rows = [row("cot", "same", 0.8, 0.33, 0.355), row("answer", "same", 0.2, 0.25, 0.27)]
+    rows += [row("cot", "fresh", 0.6, -0.05, 0.0), row("answer", "fresh", 0.1, 0.04, 0.008)]
+    # the norm column is the mean over the two draws: (0.8 + 0.6) / 2, (0.2 + 0.1) / 2
+    assert markdown(rows).splitlines()[2] == (
+        "| cot=hard | 8 | 0.700 | +0.330 / 0.355 | -0.050 / 0.000 | 0.150 | +0.250 / 0.270 | +0.040 / 0.008 |"
+    )
+    assert markdown(rows[:2]).splitlines()[2].endswith("| 0.200 | +0.250 / 0.270 | - |")
