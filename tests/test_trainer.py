@@ -57,6 +57,7 @@ def test_first_step_learner_matches_rollout_log_probs(tiny_base: Path, tmp_path:
     assert gap.answer < 1e-4, gap
 
 
+@pytest.mark.slow  # CI time: the README grid command runs cot=multiplex through the whole script
 def test_mixture_mode_trains_and_evaluates_every_mixture_mode(tiny_base: Path, tmp_path: Path) -> None:
     """cot=gumbel through the whole script: a training step (its loss, statistics, checkpoint) and the evaluation
     of the four mixture inference modes, each with its pass@1 and lift in summary.json."""
