@@ -94,7 +94,7 @@ def as_tested(command: str, tmp: Path) -> str | None:
     if command.startswith("python scripts/grad_snr.py"):
         # the shrink goes first: `--prompts` takes every number after it
         script = "python scripts/grad_snr.py"
-        return f"{moved.replace(script, f'{script} {TRAIN_SHRINK}', 1)} --batches 2 --prompts 2"
+        return f"{moved.replace(script, f'{script} {TRAIN_SHRINK}', 1)} --batches 2 --prompts 2 --draws fresh"
     if command.startswith(
         ("python scripts/score.py", "python scripts/sweep_report.py", "python -m pytest -m gpu")
     ):
