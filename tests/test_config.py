@@ -83,15 +83,29 @@ def test_per_model_experiment_defaults_match_a_model_and_validate() -> None:
         tiny = to_object(compose(config_name="train"), TrainConfig)
         big = to_object(compose(config_name="train", overrides=["model=qwen2.5-3b"]), TrainConfig)
         paper_on_tiny = to_object(compose(config_name="train", overrides=["experiment=paper"]), TrainConfig)
-    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 5e-5, the
+    # the per-model files really are applied: the dataclass default lr is 1e-6, the tiny file sets 1e-4, the
     # Qwen2.5-3B one the paper's 8e-6 on top of the paper protocol (CoT cap 128 in training, 512 in evaluation)
-    assert tiny.rl.optim.lr == 5.0e-5 and big.rl.optim.lr == 8.0e-6
+    assert tiny.rl.optim.lr == 1.0e-4 and big.rl.optim.lr == 8.0e-6
     assert big.cot.max_think_tokens == 128 and big.trainer.eval_max_think_tokens == 512
     assert tiny.cot.max_think_tokens == 48
     assert (big.rl.group_size, big.trainer.prompts_per_step, big.reward.scheme) == (32, 2, "paper")
     assert big.model.prompt.stop_on == "text" and big.reward.think_end == "The final answer is:"
     # experiment=paper on any model: the protocol with the 3B Llama's lr; the prompt stays the model's
     assert paper_on_tiny.rl.optim.lr == 6.0e-6 and paper_on_tiny.model.prompt.stop_on == "ids"
+
+
+@pytest.mark.parametrize("cot", ["hard", "soft", "fuzzy", "multiplex", "gumbel"])
+def test_the_primary_mode_is_the_training_mode_sampled_unless_a_recipe_names_one(cot: str) -> None:
+    """trainer.eval_primary follows cot (the default run, hard CoT, is judged by hard_sample; cot=soft by
+    soft_sample, ...); the paper protocol names hard_greedy, its greedy validation, and a key override wins."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        assert compose(config_name="train").trainer.eval_primary == "hard_sample"
+        assert compose(config_name="train", overrides=[f"cot={cot}"]).trainer.eval_primary == f"{cot}_sample"
+        paper = compose(config_name="train", overrides=[f"cot={cot}", "model=smollm2-135m"])
+        assert paper.trainer.eval_primary == "hard_greedy"
+        named = compose(config_name="train", overrides=[f"cot={cot}", "trainer.eval_primary=hard_greedy"])
+        assert named.trainer.eval_primary == "hard_greedy"
 
 
 def test_infer_recipes_inherit_training_lengths() -> None:

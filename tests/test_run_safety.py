@@ -65,7 +65,7 @@ def test_a_used_run_directory_refuses_another_config_and_keeps_its_files(
     tiny_base: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    base = small_run(tiny_base, out, "trainer.max_steps=1")
+    base = small_run(tiny_base, out, "cot=soft", "trainer.max_steps=1")
     make_trainer(base).run()
     before = digest(out)
     with pytest.raises(RunDirError) as err:  # the README's rerun with another CoT mode

@@ -209,9 +209,8 @@ def test_summary_holds_every_mode_before_and_after_with_the_paired_lift(
     per-problem pass@1, and after training each mode's lift over the same problems with its paired error."""
     out = tmp_path / "run"
     modes = "trainer.eval_modes=[hard_greedy,soft_sample]"
-    cfg = small_run(
-        tiny_base, out, "trainer.max_steps=1", modes, "trainer.eval_problems=6", "trainer.eval_n=2"
-    )
+    cfg = small_run(tiny_base, out, "cot=soft", "trainer.max_steps=1", modes, "trainer.eval_problems=6",
+                    "trainer.eval_n=2")  # fmt: skip
     cmd = [sys.executable, "scripts/train.py", *[a for a in cfg if not a.startswith("trainer.eval_modes=[]")]]
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
