@@ -166,7 +166,8 @@ def test_eval_max_think_tokens_reaches_every_evaluation_mode(
     keeps its own, and the modes' other inherited limits are the training CoT's."""
     overrides = [
         a for a in small_run(tiny_base, tmp_path, "trainer.eval_modes=[hard_greedy,soft_sample]",
-                             f"trainer.eval_max_think_tokens={cap}") if a != "trainer.eval_modes=[]"
+                             "trainer.eval_primary=soft_sample", f"trainer.eval_max_think_tokens={cap}")
+        if a != "trainer.eval_modes=[]"
     ]  # fmt: skip
     trainer = make_trainer(overrides)
     assert set(trainer.evaluator.modes) == {"soft_sample", "hard_greedy"}
