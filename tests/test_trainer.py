@@ -133,7 +133,9 @@ def expected_local_fraction(base: dict[str, torch.Tensor], sharding: str) -> flo
 
 # zero2 runs with -m slow (CI time, ~100 s: zero3 partitions the same DeepSpeed optimizer state, and the
 # parameters on top)
-@pytest.mark.parametrize("sharding", ["none", "fsdp2", pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
+@pytest.mark.parametrize(
+    "sharding", ["none", "fsdp2", pytest.param("zero2", marks=pytest.mark.slow), "zero3"]
+)
 def test_two_processes_equal_one(tiny_base: Path, tmp_path: Path, sharding: str) -> None:
     """`accelerate launch` with 2 CPU processes and the same global batch gives the 1-process parameters, with
     replicated parameters, with fsdp2-sharded decoder layers (sum-reduce-scattered gradients, sharded AdamW
