@@ -58,11 +58,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
+from rl.scorable import check_rebuilt_mixture, check_scorable
 from rollouts.config import CotConfig
 from rollouts.distributions import cot_log_probs, entropy, filter_logits, gaussian_log_prob, mixture_mean
 from rollouts.engine import input_embedding_matrix
 from rollouts.modes import mixture_log_prob, mixture_weights
-from rollouts.record import SAMPLING_FIELDS, Rollouts
+from rollouts.record import Rollouts
 
 
 @dataclass
@@ -140,7 +141,7 @@ def sequence_log_probs(
     Runs with gradients when called under grad mode; call under `torch.no_grad()` for a reference model.
     """
     cfg = cfg or LogProbConfig()
-    _check_rollouts(rollouts, cot, answer_top_p)
+    check_scorable(rollouts, cot, answer_top_p)
     embedding = model.get_input_embeddings()
     decoder = model.get_decoder()
     scorer = action_scorer(model)
@@ -220,32 +221,6 @@ def _lengths(
     return p_len, cot_mask.sum(dim=1), answer_mask.sum(dim=1)
 
 
-def _check_rollouts(rollouts: Rollouts, cot: CotConfig, answer_top_p: float) -> None:
-    """The rollouts were generated the way `cot` (and `answer_top_p`) would score them; else ValueError."""
-    if cot.mode != rollouts.cot_mode or cot.temperature != rollouts.temperature:
-        raise ValueError(
-            f"CotConfig (mode={cot.mode!r}, temperature={cot.temperature}) does not match the rollouts "
-            f"(mode={rollouts.cot_mode!r}, temperature={rollouts.temperature})"
-        )
-    _check_sampling(rollouts, cot, answer_top_p)
-    if cot.gaussian and (rollouts.cot_inputs is None or rollouts.sigma <= 0):
-        raise ValueError(
-            f"{cot.mode} CoT needs stored cot_inputs and sigma > 0 to score Gaussian actions "
-            f"(cot_inputs is None: {rollouts.cot_inputs is None}, sigma={rollouts.sigma})"
-        )
-    if cot.mixture:
-        mix = rollouts.cot_mix_ids
-        if mix is None or rollouts.cot_mix_logits is None or mix.shape[-1] != cot.mix_width:
-            raise ValueError(
-                f"{cot.mode} CoT needs the stored mixture tokens of width {cot.mix_width} "
-                f"(got {None if mix is None else tuple(mix.shape)})"
-            )
-        if (cot.mode == "multiplex" and cot.temperature == 0) or (
-            cot.mode == "gumbel" and rollouts.sigma <= 0
-        ):
-            raise ValueError(f"greedy {cot.mode} rollouts are a point mass: they have no density to score")
-
-
 def _suffixes(
     embedding: torch.nn.Module, rollouts: Rollouts, t_len: torch.Tensor, a_len: torch.Tensor, cot: CotConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -290,17 +265,7 @@ def _mixture_inputs(embedding: torch.nn.Module, rollouts: Rollouts, cot: CotConf
     ids = rollouts.cot_mix_ids.to(device)  # [N, T, K]
     w = mixture_weights(rollouts.cot_mix_logits.to(device), cot)  # [N, T, K]
     h = (embedding(ids).float() * w[..., None]).sum(dim=-2)  # [N, T, d], as `rollouts.modes.mixture_inputs`
-    fed = rollouts.cot_inputs
-    if fed is not None:
-        mask = rollouts.cot_mask.to(device)[..., None]  # [N, T, 1]
-        err = ((h.detach() - fed.to(device).float()) * mask).abs().max() if fed.numel() else torch.tensor(0.0)
-        scale = fed.abs().max().clamp(min=1e-6) if fed.numel() else 1.0
-        if float(err) > 1e-3 * float(scale):
-            raise ValueError(
-                f"{cot.mode} CoT: the stored tokens and mix logits rebuild inputs {float(err):.3g} away from the "
-                f"vectors the rollout fed (cot.gumbel_temperature={cot.gumbel_temperature}, "
-                f"cot.multiplex_weights={cot.multiplex_weights!r}: are they the rollout's?)"
-            )
+    check_rebuilt_mixture(h, rollouts, cot)
     return h
 
 
@@ -437,23 +402,6 @@ def log_prob_gap(rollouts: Rollouts, learner: SequenceLogProbs) -> LogProbGap:
         cot=cot_diff.mean().item() if cot_diff.numel() else 0.0,
         answer=ans_diff.mean().item() if ans_diff.numel() else 0.0,
     )
-
-
-def _check_sampling(rollouts: Rollouts, cot: CotConfig, answer_top_p: float) -> None:
-    """Raise ValueError naming every filter setting (`rollouts.record.SAMPLING_FIELDS`) that differs between the
-    scoring call (`cot`'s CoT filter, the `answer_top_p` argument) and what the rollouts were generated with."""
-    wanted = {"top_k": cot.top_k, "top_p": cot.top_p, "min_p": cot.min_p, "answer_top_p": answer_top_p}
-    assert wanted.keys() == set(SAMPLING_FIELDS)
-    differ = [
-        f"{'' if name == 'answer_top_p' else 'cot.'}{name}={value} but the rollouts were generated with "
-        f"{name}={getattr(rollouts, name)}"
-        for name, value in wanted.items()
-        if value != getattr(rollouts, name)
-    ]
-    if differ:
-        raise ValueError(
-            f"cannot score rollouts under another filter than they were sampled with: {'; '.join(differ)}"
-        )
 
 
 def _chunked(
