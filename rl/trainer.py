@@ -25,6 +25,7 @@ policy, and the after-evaluation, summary.json's `selected` and `final/` are the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -54,7 +55,7 @@ from rl.sharding import load_full_state_dicts
 from rl.stats import StepSample, StepStats, merge_stats, step_stats
 from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms_by_kind, sigma_from_rms
-from rollouts.engine import input_embedding_matrix
+from rollouts.engine import done_check_interval, input_embedding_matrix
 from rollouts.engines import EagerEngine, RolloutEngine
 from rollouts.record import Rollouts, concat_rollouts
 
@@ -78,10 +79,22 @@ def draw_prompts(problems: list[Problem], seed: int, start: int, count: int) -> 
     out = []
     for position in range(start, start + count):
         epoch, index = divmod(position, len(problems))
-        order = list(range(len(problems)))
-        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
-        out.append(problems[order[index]])
+        out.append(problems[epoch_order(seed, epoch, len(problems))[index]])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    """The permutation of n problems that epoch `epoch` of run seed `seed` draws them in, computed once per epoch:
+    shuffling the synthetic task's 20k problems takes ~4 ms, and shuffling once per drawn prompt cost ~60 ms of
+    every step of the default run.
+
+    >>> sorted(epoch_order(0, 1, 5)) == list(range(5)) and epoch_order(0, 1, 5) != epoch_order(0, 2, 5)
+    True
+    """
+    order = list(range(n))
+    random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+    return tuple(order)
 
 
 SELECTED_FILE = "selected.json"  # best/selected.json: which evaluation selected it (`Selection`)
@@ -208,6 +221,7 @@ class Trainer:
                         eos_id=self.eos_id,
                         pad_id=self.pad_id,
                         generator=gen,
+                        check_every=done_check_interval(self.device),  # gen serves this call only
                     )
                 )
             self.model.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -40,6 +41,28 @@ def make_trainer(overrides: list[str]) -> Trainer:
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_prompts_are_drawn_in_the_seeded_epoch_order_shuffled_once_per_epoch() -> None:
+    # the order runs have always drawn in (so a resumed or reproduced run draws the same prompts): position p of
+    # the stream is problem order_e[p mod n] of epoch e = p div n, order_e = range(n) shuffled by
+    # random.Random(f"{seed}-epoch-{e}"); the permutation is computed once per epoch, not once per prompt
+    from rl.data import Problem
+    from rl.trainer import draw_prompts, epoch_order
+
+    problems = [Problem(str(i), "q", ("1",), "t") for i in range(37)]
+
+    def reference(seed: int, position: int) -> str:
+        epoch, index = divmod(position, len(problems))
+        order = list(range(len(problems)))
+        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+        return problems[order[index]].uid
+
+    epoch_order.cache_clear()
+    drawn = [p.uid for p in draw_prompts(problems, 3, 30, 16)]  # positions 30..45: epochs 0 and 1
+    assert drawn == [reference(3, q) for q in range(30, 46)]
+    assert epoch_order.cache_info().misses == 2  # one shuffle per epoch for 16 prompts
+    assert [p.uid for p in draw_prompts(problems, 4, 30, 16)] != drawn  # the seed matters
 
 
 @pytest.mark.parametrize("cot", ["soft", "fuzzy", "hard", "multiplex", "gumbel"])
