@@ -22,8 +22,9 @@ One rollout, following DESIGN.md section 1:
    position counter steps back D-1, which is the same computation as never having fed them (the trick that makes
    left padding work).
 
-Host syncs: none per step; every `check_every` steps one `all rows done?` read lets the loop stop early (the
-static engine, rollouts/static_engine.py, runs this same step compiled and keeps the same check). Randomness:
+Host syncs: none inside the step; every `check_every` steps (16 by default; the trainer reads every step on CPU,
+`done_check_interval`) one `all rows done?` read lets the loop stop early (the static engine,
+rollouts/static_engine.py, runs this same step compiled and keeps the same check). Randomness:
 before each step `Stepper.draw` draws ε [N, d] (soft / fuzzy with σ > 0) and exponential race noise [N, V]
 (sampled hard CoT, sampled answer) for every row from the one generator (`rollouts.modes.draw_noise`), so the
 same seed gives the same rollouts, in either engine. Noise therefore depends on the
@@ -308,6 +309,25 @@ def check_request(group_size: int, sigma: float, cfg: CotConfig) -> None:
         )
 
 
+CHECK_EVERY = 16
+"""Decode steps between two reads of `all rows done?` (the engines' default `check_every`)."""
+
+
+def done_check_interval(device: torch.device) -> int:
+    """`check_every` for a caller whose generator serves one call only (the trainer seeds one per rollout chunk):
+    every step on CPU, where the read waits on no queue of launched work and each step run past the last row's
+    end is a whole forward of the batch (with every 16, a training rollout of the tiny default ran ~8 such steps
+    of ~45); `CHECK_EVERY` on an accelerator, where each read stalls the stream of launched kernels. The stopping
+    step cannot change the rollouts: it comes once every row is done, and only the noise of the steps not run
+    (which nothing reads) is left undrawn. A caller whose generator spans calls (the evaluator) keeps the default,
+    so that how far a call ran never shifts the noise of the next.
+
+    >>> done_check_interval(torch.device("cpu")), done_check_interval(torch.device("cuda", 0))
+    (1, 16)
+    """
+    return 1 if device.type == "cpu" else CHECK_EVERY
+
+
 def decode_steps(cfg: CotConfig, stop: StopSpec) -> int:
     """The most decode steps a row can take: T CoT inputs, the longest forced sequence F, A answer tokens."""
     return cfg.max_think_tokens + max(len(f) for f in stop.forced.values()) + cfg.max_answer_tokens
@@ -326,7 +346,7 @@ def generate(
     pad_id: int,
     generator: torch.Generator,
     tokenizer=None,
-    check_every: int = 16,
+    check_every: int = CHECK_EVERY,
 ) -> Rollouts:
     """Roll out G = `group_size` samples of every prompt (see the module docstring).
 
@@ -334,6 +354,7 @@ def generate(
     from the starting embeddings (0 for hard or noiseless modes). `stop` is the think-end rule and what is forced
     after it (`StopSpec.from_tokenizer`). `generator` must live on the model's device. When `tokenizer` is
     given, `answer_texts` holds the decoded sampled answer tokens (delimiter excluded, special tokens skipped).
+    `check_every`: decode steps between two reads of `all rows done?` (`done_check_interval`).
     The record carries `cfg`'s mode, τ and filters (top_k / top_p / min_p, answer_top_p) and σ: the learner
     scores it only under the same ones.
     """

@@ -7,9 +7,9 @@ and evaluate.py):
 - `vllm`: hard-token evaluation through vLLM (rollouts/vllm_engine.py); evaluate.py only, hard modes only.
 - `auto`: the fastest one that supports the run, saying which and why: vLLM for a hard-mode evaluation on CUDA
   when vLLM is installed, else static on CUDA when the model supports it, else eager. On CPU auto is eager:
-  there the static engine decodes 1.3-1.8x faster but compiles for 30-60 s per shape and CoT structure on a cold
-  cache (scripts/bench_rollout.py), which a run as short as the default does not earn back; `engine=static`
-  forces it.
+  there a decode step of a small model is mostly matrix products, the static engine decodes 1.0-1.45x faster
+  (scripts/bench_rollout.py) and compiles each shape and CoT structure on a fresh cache for 5-20 s, which the
+  default run only earns back (7m21s against 7m24s, README "Rollout engines"); `engine=static` forces it.
 
 Every engine has `generate` with the eager engine's arguments and returns the same `Rollouts` record, so the
 trainer and the evaluator call it without asking which it is.
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from rollouts.config import CotConfig, check_engine
-from rollouts.engine import generate
+from rollouts.engine import CHECK_EVERY, generate
 from rollouts.record import Rollouts
 from rollouts.stopping import StopSpec
 from rollouts.vllm_engine import VllmEngine, vllm_reason
@@ -44,6 +44,7 @@ class RolloutEngine(Protocol):
         pad_id: int,
         generator: torch.Generator,
         tokenizer: Any = None,
+        check_every: int = CHECK_EVERY,
     ) -> Rollouts: ...
 
 
@@ -91,7 +92,7 @@ def build_engine(
             static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
         )
         if name == "auto" and reason is None and model.device.type != "cuda":
-            reason = "on CPU the static engine's compile time outweighs its speed-up in short runs; engine=static forces it"
+            reason = "on CPU the static engine's compile time about equals what it saves in the default run; engine=static forces it"
         if reason is None:
             from rollouts.static_engine import StaticEngine
 

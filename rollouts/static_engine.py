@@ -40,6 +40,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rollouts.config import CotConfig
 from rollouts.engine import (
+    CHECK_EVERY,
     DONE,
     DecodeState,
     Stepper,
@@ -226,7 +227,7 @@ class StaticEngine:
         pad_id: int,
         generator: torch.Generator,
         tokenizer=None,
-        check_every: int = 16,
+        check_every: int = CHECK_EVERY,
     ) -> Rollouts:
         """As `rollouts.engine.generate` (same arguments, same record)."""
         check_request(group_size, sigma, cfg)

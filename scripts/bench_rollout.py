@@ -2,7 +2,7 @@
 Hugging Face `model.generate()` on the same hard workload as the baseline (with its dynamic cache, and with its
 static cache, which transformers compiles). Prints one JSON object; `--out F` also writes it to F.
 
-    python scripts/bench_rollout.py --model .cache/tiny_base --threads 2 --batch 128 --prompt-len 24 --new-tokens 48
+    python scripts/bench_rollout.py --model .cache/tiny_base --threads 2 --batch 128 --prompt-len 119 --new-tokens 48
     python scripts/bench_rollout.py --preset qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 64 \
         --prompt-len 128 --new-tokens 256
 

@@ -5,7 +5,9 @@ The claims: with the same seed, the greedy modes are token-identical to the eage
 inputs μ agree to 1e-5; the sampled modes draw the same noise, and their records are scored by the learner as
 closely as the eager engine's are (the rollout-vs-learner gap); every stop rule (top-1 token, multi-token
 delimiter with its rollback, text phrase, EOS, entropy cold stop, cap) ends thinking at the same step; the
-bucket's padding rows never leak into the batch; a second call in the same shape bucket compiles nothing.
+bucket's padding rows never leak into the batch; a second call in the same shape bucket compiles nothing; how
+often the loop reads `all rows done?` (every step, as the trainer does on CPU, every 16, never) changes no
+record in either engine.
 
 Most cases run the static path uncompiled (`StaticEngine(compile=False)`: the static cache, the 4-D mask, the
 decode attention, the padding rows, in seconds); the `compiled` cases run the torch.compile'd kernels, which
@@ -14,6 +16,7 @@ round differently, on fewer cases because a compile takes seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -26,7 +29,7 @@ from rl.model import read_profile
 from rl.prompts import encode_prompts
 from rollouts.config import CotConfig
 from rollouts.distributions import noise_sigma
-from rollouts.engine import generate, input_embedding_matrix
+from rollouts.engine import CHECK_EVERY, decode_steps, done_check_interval, generate, input_embedding_matrix
 from rollouts.engines import EagerEngine, build_engine
 from rollouts.record import THINK_END_REASONS as REASONS
 from rollouts.record import Rollouts
@@ -238,6 +241,46 @@ def test_same_bucket_compiles_nothing_new(tiny_base) -> None:
     both(model, cfg, stop, prompts=prompts[3:], group_size=3, **kw)  # 27 rows, other prompts and widths
     both(model, cfg, stop, prompts=prompts[4:], group_size=4, **kw)  # 32 rows
     assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_reading_done_every_step_gives_the_same_record(tiny_base, mode: str) -> None:
+    # the trainer reads `all rows done?` every step on CPU (rollouts.engine.done_check_interval): in both engines
+    # the record is the one reading every 16 steps, or never (running all decode steps), gives, field for field,
+    # and the loop stops sooner (fewer model forwards), on sampled rollouts of the trained model whose rows end
+    # at different steps
+    model = tiny_base_model(tiny_base)
+    prompts, stop, eos = tiny_base_batch(tiny_base)
+    cfg = cfg_for(mode, sampled=True, max_think_tokens=48, max_answer_tokens=16)
+    kw = dict(
+        group_size=2, sigma=noise_sigma(input_embedding_matrix(model), cfg), stop=stop, eos_id=eos, pad_id=PAD
+    )
+    forwards = [0]
+    hook = model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    try:
+        for name, run in (("eager", generate), ("static", engine(False).generate)):
+            records, calls = [], []
+            for every in (10**6, CHECK_EVERY, done_check_interval(torch.device("cpu"))):
+                forwards[0] = 0
+                gen = torch.Generator().manual_seed(0)
+                records.append(run(model, prompts, cfg, generator=gen, check_every=every, **kw))
+                calls.append(forwards[0])
+            longest = int((records[0].cot_lengths + records[0].answer_lengths).max())
+            assert longest < decode_steps(cfg, stop) - 16, (name, longest)  # the rows end well before the cap
+            assert calls[0] == decode_steps(cfg, stop), (
+                name,
+                calls,
+            )  # the prefill and every step but the last
+            assert calls[0] > calls[1] >= calls[2], (name, calls)
+            # reading every step stops at the step that ends the last row: each step writes one CoT or answer
+            # entry (the tiny base's delimiter is one id: nothing is rolled back), the prefill is a forward too
+            assert calls[2] == longest, (name, calls, longest)
+            for record in records[1:]:
+                for field in dataclasses.fields(Rollouts):
+                    a, b = getattr(records[0], field.name), getattr(record, field.name)
+                    assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, (name, field.name)
+    finally:
+        hook.remove()
 
 
 def test_engine_choice_says_which_and_refuses_what_it_cannot_run() -> None:
