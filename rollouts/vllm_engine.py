@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rollouts.config import CotConfig
+from rollouts.engine import CHECK_EVERY
 from rollouts.record import THINK_END_REASONS, Rollouts
 from rollouts.stopping import StopSpec
 
@@ -165,9 +166,11 @@ class VllmEngine:
         pad_id: int,
         generator: torch.Generator,
         tokenizer: Any = None,
+        check_every: int = CHECK_EVERY,
     ) -> Rollouts:
-        """As `rollouts.engine.generate` for a hard mode (`model` is not used: vLLM holds its own copy). The
-        seed of each vLLM request comes from `generator`, so a run is reproducible on the same vLLM."""
+        """As `rollouts.engine.generate` for a hard mode (`model` is not used: vLLM holds its own copy; nor is
+        `check_every`: vLLM ends each request itself). The seed of each vLLM request comes from `generator`, so a
+        run is reproducible on the same vLLM."""
         if cfg.continuous or sigma != 0:
             raise ValueError(f"the vllm engine decodes hard tokens only, got cot.mode={cfg.mode}")
         if tokenizer is None:
