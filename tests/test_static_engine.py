@@ -267,10 +267,8 @@ def test_reading_done_every_step_gives_the_same_record(tiny_base, mode: str) -> 
                 calls.append(forwards[0])
             longest = int((records[0].cot_lengths + records[0].answer_lengths).max())
             assert longest < decode_steps(cfg, stop) - 16, (name, longest)  # the rows end well before the cap
-            assert calls[0] == decode_steps(cfg, stop), (
-                name,
-                calls,
-            )  # the prefill and every step but the last
+            # reading never runs every decode step: the prefill and every step but the last are forwards
+            assert calls[0] == decode_steps(cfg, stop), (name, calls)
             assert calls[0] > calls[1] >= calls[2], (name, calls)
             # reading every step stops at the step that ends the last row: each step writes one CoT or answer
             # entry (the tiny base's delimiter is one id: nothing is rolled back), the prefill is a forward too
