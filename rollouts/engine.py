@@ -317,10 +317,10 @@ def done_check_interval(device: torch.device) -> int:
     """`check_every` for a caller whose generator serves one call only (the trainer seeds one per rollout chunk):
     every step on CPU, where the read waits on no queue of launched work and each step run past the last row's
     end is a whole forward of the batch (with every 16, a training rollout of the tiny default ran up to 15 such
-    steps of ~45); `CHECK_EVERY` on an accelerator, where each read stalls the stream of launched kernels. The stopping
-    step cannot change the rollouts: it comes once every row is done, and only the noise of the steps not run
-    (which nothing reads) is left undrawn. A caller whose generator spans calls (the evaluator) keeps the default,
-    so that how far a call ran never shifts the noise of the next.
+    steps of ~45); `CHECK_EVERY` on an accelerator, where each read stalls the stream of launched kernels. The
+    stopping step cannot change the rollouts: it comes once every row is done, and only the noise of the steps
+    not run (which nothing reads) is left undrawn. A caller whose generator spans calls (the evaluator) keeps
+    the default, so that how far a call ran never shifts the noise of the next.
 
     >>> done_check_interval(torch.device("cpu")), done_check_interval(torch.device("cuda", 0))
     (1, 16)

@@ -92,7 +92,10 @@ def build_engine(
             static_reason(model) if sharding in ("none", "zero2") else f"the policy is sharded ({sharding})"
         )
         if name == "auto" and reason is None and model.device.type != "cuda":
-            reason = "on CPU the static engine's compile time about equals what it saves in the default run; engine=static forces it"
+            reason = (
+                "on CPU the static engine's compile time about equals what it saves in the default run; "
+                "engine=static forces it"
+            )
         if reason is None:
             from rollouts.static_engine import StaticEngine
 
