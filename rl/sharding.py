@@ -210,7 +210,7 @@ def init_deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, con
 def prepare_zero3(model: torch.nn.Module) -> None:
     """Register the learner's `ActionScorer` on `model`, with E and the output head's parameters as its external
     parameters (see the module docstring). Call before `deepspeed.initialize`, which installs the hooks."""
-    from rl.logprobs import SCORER_ATTR, ActionScorer
+    from rl.action_scorer import SCORER_ATTR, ActionScorer
 
     deepspeed = _import_deepspeed(3)
     scorer = ActionScorer(model)
