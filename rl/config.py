@@ -194,7 +194,7 @@ def prepare_model(raw: Any, overrides: list[str]) -> str | None:
     if is_tiny_base(raw.model.path):
         ensure_tiny_base(to_object(compose("tiny_base"), TinyBaseConfig))
     if raw.model.gguf:
-        ensure_converted(raw.model.path, raw.model.gguf)
+        ensure_converted(raw.model.path, list(raw.model.gguf), raw.model.gguf_sha256)
     check_model_path(raw.model.path)
     return apply_profile(raw.model, overrides)
 

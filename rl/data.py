@@ -1,9 +1,10 @@
-"""Math problems with gold final answers: GSM8K, MATH-500, OlympiadBench, MATH train, DeepScaleR and the
-synthetic arithmetic task, from a hub id (through `datasets`) or a local JSON / JSONL / Parquet file.
+"""Math problems with gold final answers: GSM8K, MATH-500, OlympiadBench, MATH train, DeepScaleR, the
+synthetic arithmetic task and the word-problem task, from a hub id (through `datasets`) or a local JSON / JSONL /
+Parquet file.
 
 `load_problems(cfg, split)` is the one entry point. Each dataset is a `_Source` in `SOURCES`: where it
 lives on the hub and a small row parser that turns one raw row into (question, gold answers). Rows come
-from, in order of precedence: `cfg.path` (a local file), the synthetic generator (for `synthetic`), or
+from, in order of precedence: `cfg.path` (a local file), the generator (`synthetic`, `word_problems`), or
 `datasets.load_dataset(hub_id, hub_config, split=...)`.
 
 | name | hub id (config) | split(s) | question | gold |
@@ -14,6 +15,7 @@ from, in order of precedence: `cfg.path` (a local file), the synthetic generator
 | math | DigitalLearningGmbH/MATH-lighteval | train, test | `problem` | last `\\boxed{...}` of `solution` (by `rewards.extract.last_boxed`) |
 | deepscaler | agentica-org/DeepScaleR-Preview-Dataset | train | `problem` | `answer` |
 | synthetic | (generated, `rl.synthetic`) | train, test | question | the integer answer |
+| word_problems | (generated, `rl.word_problems`) | train, test | question | the integer answer |
 
 Notes on the choices:
 - OlympiadBench: the config holds the 675 open-ended, text-only, English, competition maths problems (the
@@ -47,8 +49,9 @@ from typing import Any
 
 from rewards.extract import gsm8k_gold, last_boxed
 from rl.synthetic import SyntheticConfig, make_examples
+from rl.word_problems import WordProblemConfig, make_word_problems
 
-DATASETS = ("synthetic", "gsm8k", "math500", "olympiadbench", "math", "deepscaler")
+DATASETS = ("synthetic", "word_problems", "gsm8k", "math500", "olympiadbench", "math", "deepscaler")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class DataConfig:
     eval_split: str = "test"
     limit: int | None = None  # keep the first `limit` problems of a split (None = all)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    word_problems: WordProblemConfig = field(default_factory=WordProblemConfig)
 
 
 class BadRow(ValueError):
@@ -161,6 +165,18 @@ class _Source:
     # Our split name -> the hub's, where they differ.
     hub_splits: Mapping[str, str] = field(default_factory=dict)
     id_key: str | None = None  # the dataset's own stable row id, used in the uid when present
+    # a generated dataset: (config, split) -> raw rows (no hub home)
+    generate: Callable[[DataConfig, str], Iterable[Mapping[str, Any]]] | None = None
+
+
+def _synthetic_rows(cfg: DataConfig, split: str) -> Iterable[Mapping[str, Any]]:
+    return ({"question": e.question, "answer": e.answer} for e in make_examples(cfg.synthetic, split))
+
+
+def _word_problem_rows(cfg: DataConfig, split: str) -> Iterable[Mapping[str, Any]]:
+    return (
+        {"question": p.question, "answer": p.answer} for p in make_word_problems(cfg.word_problems, split)
+    )
 
 
 SOURCES: dict[str, _Source] = {
@@ -171,7 +187,8 @@ SOURCES: dict[str, _Source] = {
     ),
     "math": _Source(_parse_math_solution, "DigitalLearningGmbH/MATH-lighteval"),
     "deepscaler": _Source(_parse_problem_answer, "agentica-org/DeepScaleR-Preview-Dataset"),
-    "synthetic": _Source(_parse_synthetic),
+    "synthetic": _Source(_parse_synthetic, generate=_synthetic_rows),
+    "word_problems": _Source(_parse_synthetic, generate=_word_problem_rows),
 }
 assert set(SOURCES) == set(DATASETS), (sorted(SOURCES), DATASETS)
 
@@ -221,9 +238,8 @@ def _rows(cfg: DataConfig, source: _Source, split: str) -> tuple[str, Iterable[A
     if cfg.path is not None:
         path = Path(cfg.path.replace("{split}", split))
         return str(path), _read_file(path)
-    if source.hub_id is None:  # only the generated dataset has no hub home
-        examples = make_examples(cfg.synthetic, split)
-        return f"synthetic[{split}]", ({"question": e.question, "answer": e.answer} for e in examples)
+    if source.generate is not None:  # a generated dataset has no hub home
+        return f"{cfg.name}[{split}]", source.generate(cfg, split)
     hub_id = cfg.hub_id or source.hub_id
     # An overridden hub id takes its config from cfg alone: the default config belongs to the default id.
     hub_config = cfg.hub_config if cfg.hub_id or cfg.hub_config else source.hub_config

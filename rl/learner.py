@@ -30,6 +30,7 @@ import torch
 
 from rl.advantages import AdvantageConfig, Advantages, compute_advantages
 from rl.logprobs import LogProbConfig, SequenceLogProbs, sequence_log_probs
+from rl.lora import LoraConfig
 from rl.loss import LossConfig, loss_normalizer, policy_loss
 from rl.optim import OptimConfig
 from rl.parallel import Parallel
@@ -49,6 +50,7 @@ class RLConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logprobs: LogProbConfig = field(default_factory=LogProbConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # rank 0 = full fine-tuning (rl/lora.py)
 
     def __post_init__(self) -> None:
         if self.group_size < 2:

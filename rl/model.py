@@ -39,8 +39,10 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str | None = None  # None = transformers' default (sdpa)
     trust_remote_code: bool = False
-    # "<distribution>:<path>.gguf": `path` is converted from this GGUF file on first use (rl/gguf.py)
-    gguf: str = ""
+    # ["<distribution>:<path>", ...]: `path` is converted on first use from the GGUF file these parts make when
+    # concatenated in order (one part: a whole .gguf), whose sha256 must be `gguf_sha256` when set (rl/gguf.py)
+    gguf: list[str] = field(default_factory=list)
+    gguf_sha256: str = ""
     max_think_tokens: int = 128
     max_answer_tokens: int = 32
     prompt: PromptConfig = field(default_factory=PromptConfig)

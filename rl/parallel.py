@@ -43,6 +43,7 @@ from rl.checkpoint import (
     restore_whole,
     save_checkpoint,
 )
+from rl.lora import plain_model
 from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step
 from rl.runtime import resolve_device
 from rl.sharding import (
@@ -175,7 +176,9 @@ class Single:
         """Write the whole policy to `path` with `save_pretrained` (collective; process 0 writes)."""
         model_state = self.whole_state(with_optimizer=False)[0]
         if self.main:
-            self.saveable().save_pretrained(path, state_dict=model_state)
+            # LoRA adapters (one process or ddp only) leave the run merged into a plain model (rl/lora.py)
+            module = self.saveable() if model_state is not None else plain_model(self.saveable())
+            module.save_pretrained(path, state_dict=model_state)
             tokenizer.save_pretrained(path)
             profile.save(path)
 

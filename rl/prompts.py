@@ -6,10 +6,12 @@ Every prompt ends with the think-start delimiter, so the first generated positio
 Two renderings:
 
 1. With a chat template (`use_chat_template` and `tokenizer.chat_template` set): the messages (system
-   first when set, then the user message) go through `tokenizer.apply_chat_template(...,
+   first when set, then each worked example of `examples` as a user turn and an assistant reply, then the user
+   message) go through `tokenizer.apply_chat_template(...,
    add_generation_prompt=True)`. The template carries its own special tokens (bos, role markers).
 2. Without one (base models, the character-level tiny model): `f"{bos_token}{user}\\n"`, with
-   `system` (when set) as a first paragraph `f"{system}\\n\\n"`. The bos token is written as text (when
+   `system` (when set) as a first paragraph `f"{system}\\n\\n"` and each worked example (`examples`) as a
+   paragraph `f"{user}\\n{think_start}{answer}\\n\\n"` before the question. The bos token is written as text (when
    the tokenizer has one) so that a rendered prompt always holds all its special tokens, exactly as a chat
    template does; hence there is one tokenisation rule for both cases: `add_special_tokens=False`.
 
@@ -26,13 +28,22 @@ trained to continue from. So "ends with think_start" holds up to trailing whites
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
 @dataclass
+class Example:
+    """One worked example shown before the question (few-shot): a user turn and the assistant's reply."""
+
+    question: str
+    answer: str  # the whole reply, chain of thought and final answer, as the model should write it
+
+
+@dataclass
 class PromptConfig:
-    """How a question becomes a prompt. `system=None` sends no system message."""
+    """How a question becomes a prompt. `system=None` sends no system message. `examples`: worked examples shown
+    first, each as a user turn (rendered like the question, instruction included) and the assistant's reply."""
 
     instruction: str = "Think step by step, then give the final answer in \\boxed{}."
     system: str | None = None
@@ -46,8 +57,11 @@ class PromptConfig:
     stop_on: str = "ids"
     # forced after the think-end (e.g. " \\boxed{"): the answer's opening, as the paper prefills it
     answer_prefill: str = ""
+    examples: list[Example] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # a profile read back from JSON (rl/model.py) holds the examples as plain mappings
+        self.examples = [e if isinstance(e, Example) else Example(**e) for e in self.examples]
         if self.stop_on not in ("ids", "text"):
             raise ValueError(f"prompt.stop_on={self.stop_on!r}: expected 'ids' or 'text'")
         if not self.think_end:
@@ -85,10 +99,12 @@ def render_prompt(tokenizer: Any, question: str, cfg: PromptConfig) -> str:
     if not question.strip():
         raise ValueError(f"render_prompt: empty question {question!r}")
     user = user_message(question, cfg)
+    shots = [(user_message(e.question, cfg), f"{cfg.think_start}{e.answer}") for e in cfg.examples]
     if cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user}]
-        if cfg.system is not None:
-            messages.insert(0, {"role": "system", "content": cfg.system})
+        messages = [{"role": "system", "content": cfg.system}] if cfg.system is not None else []
+        for asked, replied in shots:
+            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": replied}]
+        messages.append({"role": "user", "content": user})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if not isinstance(text, str):
             kind = type(text).__name__
@@ -96,7 +112,9 @@ def render_prompt(tokenizer: Any, question: str, cfg: PromptConfig) -> str:
     else:
         bos = getattr(tokenizer, "bos_token", None) or ""
         system = f"{cfg.system}\n\n" if cfg.system is not None else ""
-        text = f"{bos}{system}{user}" + ("" if cfg.template is not None else "\n")
+        sep = "" if cfg.template is not None else "\n"
+        shown = "".join(f"{asked}{sep}{replied}\n\n" for asked, replied in shots)
+        text = f"{bos}{system}{shown}{user}{sep}"
     if cfg.think_start and not text.rstrip().endswith(cfg.think_start):
         text += cfg.think_start
     return text

@@ -46,6 +46,7 @@ from rl.checkpoint import TrainState, check_model_keys, latest_verified_checkpoi
 from rl.data import Problem
 from rl.evaluation import Evaluator, plot_run, special_ids
 from rl.logger import MetricsLogger, NullLogger, drop_rows_after
+from rl.lora import has_lora, load_plain
 from rl.model import ModelProfile
 from rl.optim import fit_warmup
 from rl.parallel import Parallel
@@ -447,6 +448,9 @@ class Trainer:
             raise FileNotFoundError(f"{path} has no *.safetensors: the selected policy is missing")
         self.parallel.whole_state(with_optimizer=False)
         model = self.parallel.saveable()
+        if has_lora(model):  # best/ holds the merged plain weights (rl/lora.py)
+            check_model_keys(path, model, *load_plain(model, weights))
+            return
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         check_model_keys(path, model, missing, unexpected)

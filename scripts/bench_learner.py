@@ -1,15 +1,21 @@
 """Learner throughput: the forward and backward of one update's log-probs with each distinct prompt encoded once
-(`rl.logprobs.share_prompts=true`, the default) against the packed rows (the reference), on the same rollouts in
-the same process. Prints one JSON object.
+(`rl.logprobs.share_prompts=true`, the default) against the packed rows (the reference), and against a plain
+causal-LM step over the same tokens (what a Hugging Face user would time: `model(input_ids).logits`, cross-entropy
+on the CoT and answer tokens, backward), on the same rollouts in the same process. Prints one JSON object.
 
     python scripts/bench_learner.py                        # the embedded default's step: 16 prompts x 8 samples
     python scripts/bench_learner.py cot=hard --repeats 5   # any Hydra override of recipes/train.yaml
 
 Workload: one step of real rollouts from the run's policy (the step-1 batch of `trainer.prompts_per_step`
 prompts), their GRPO advantages, and the learner's `learner_log_probs` + `policy_loss` + backward, timed as the
-median of `--repeats` runs after a warm-up (bracketed by `torch.cuda.synchronize()` on CUDA). Also reports the
-largest gradient difference between the two paths relative to the largest gradient entry, and the padded share
-of the packed rows.
+median of `--repeats` runs after a warm-up (bracketed by `torch.cuda.synchronize()` on CUDA). The plain step's
+rows are each rollout's prompt, CoT stream ids (the sampled tokens; for continuous CoT the top-1 ids, where the
+learner feeds vectors) and answer, right-padded. Also reports the largest gradient difference between the two
+learner paths relative to the largest gradient entry, the padded share of the packed rows, and the process's peak
+resident memory (`ru_maxrss`; CUDA: the peak allocated).
+
+    python scripts/bench_learner.py model=qwen2.5-coder-0.5b data=word_problems rl.lora.rank=16 \
+        trainer.prompts_per_step=2 rl.group_size=8 --repeats 2
 """
 
 from __future__ import annotations
@@ -28,6 +34,38 @@ from rl.advantages import compute_advantages
 from rl.config import TrainConfig, compose, prepare_model, register_configs, to_object
 from rl.learner import learner_log_probs
 from rl.loss import policy_loss
+
+PAD_ID, PAD_LABEL = 0, -100
+
+
+def plain_rows(rollouts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([N, L] ids, [N, L] labels, [N, L] attention mask): each rollout's prompt ++ CoT stream ids ++ answer,
+    right-padded; labels are the ids on the CoT and answer tokens (the ones the learner scores), PAD_LABEL
+    elsewhere."""
+    rows, targets = [], []
+    for i in range(rollouts.num_rollouts):
+        prompt = rollouts.prompt_ids[i][rollouts.prompt_mask[i]]
+        scored = torch.cat(
+            [rollouts.cot_ids[i][rollouts.cot_mask[i]], rollouts.answer_ids[i][rollouts.answer_mask[i]]]
+        )
+        rows.append(torch.cat([prompt, scored]))
+        targets.append(torch.cat([torch.full_like(prompt, PAD_LABEL), scored]))
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), width), PAD_LABEL, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, : len(r)], labels[i, : len(t)], mask[i, : len(r)] = r, t, 1
+    device = rollouts.prompt_ids.device
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def main() -> None:
@@ -55,9 +93,19 @@ def main() -> None:
         policy_loss(new, adv, cfg.rl.loss).loss.backward()
         return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
+    ids, labels, mask = plain_rows(rollouts)
+
+    def plain() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [N, L, V]
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=PAD_LABEL
+        ).backward()
+
     seconds = {
         "packed": timed(lambda: update(False), device, args.repeats)[2],  # the warm median
         "shared_prompts": timed(lambda: update(True), device, args.repeats)[2],
+        "plain_causal_lm": timed(plain, device, args.repeats)[2],
     }
     g_packed, g_shared = update(False), update(True)
     rows = rollouts.prompt_mask.sum(1) + rollouts.cot_mask.sum(1) + rollouts.answer_mask.sum(1)  # [N]
@@ -72,7 +120,10 @@ def main() -> None:
         "packed_padding_fraction": round(1 - float(rows.sum()) / (len(rows) * int(rows.max())), 3),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "packed_over_shared_time": round(seconds["packed"] / seconds["shared_prompts"], 3),
+        "learner_over_plain_time": round(seconds["shared_prompts"] / seconds["plain_causal_lm"], 3),
         "max_grad_diff_rel": float((g_packed - g_shared).abs().max() / g_packed.abs().max()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_memory_gb": round(peak_memory_gb(device), 2),
     }
     print(json.dumps(report, indent=2))
 

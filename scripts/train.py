@@ -24,6 +24,7 @@ from hydra.types import RunMode
 
 from rl.config import RECIPES_DIR, TrainConfig, load_infer_recipe, prepare_model, register_configs, to_object
 from rl.data import load_problems, require_problems
+from rl.lora import apply_lora
 from rl.model import load_policy
 from rl.parallel import build_parallel
 from rl.rundir import config_yaml, plan_run
@@ -43,6 +44,11 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         tcfg.sharding, tcfg.device, cfg.rl.micro_batch, tcfg.zero3_persistence_threshold
     )
     tcfg.check_processes(parallel.world)
+    if cfg.rl.lora.enabled and parallel.sharding != "none":
+        raise ValueError(
+            f"rl.lora.rank={cfg.rl.lora.rank} with trainer.sharding={parallel.sharding}: LoRA runs on one process "
+            "or data parallel (sharding none); drop the sharding or set rl.lora.rank=0"
+        )
     if plan.overwrite:
         if parallel.main:
             print(f"[softgrpo] trainer.resume=overwrite: deleting the run in {cfg.output_dir}", flush=True)
@@ -64,6 +70,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         }
     seed_everything(tcfg.seed)
     model, tokenizer = load_policy(cfg.model, parallel.device)
+    apply_lora(model, cfg.rl.lora)  # rank 0: full fine-tuning, nothing injected
     ref = None
     if cfg.rl.loss.kl_coef > 0:
         ref = load_policy(cfg.model, parallel.device)[0].eval().requires_grad_(False)

@@ -109,3 +109,21 @@ def test_encode_prompts_matches_rendering_with_one_bos(template: str | None) -> 
 
 def test_encode_prompts_empty() -> None:
     assert encode_prompts(char_tokenizer(), [], CFG) == []
+
+
+SHOT = PromptConfig(
+    instruction="Box it.", examples=[{"question": "1+1?", "answer": "1+1=2 \\boxed{2}</think>"}]
+)
+
+
+def test_worked_examples_come_first_as_user_and_assistant_turns() -> None:
+    """`examples` (few-shot): each example is a user turn rendered like the question (instruction included) and
+    the assistant's reply opened by think_start, before the question; read back from a profile's plain mappings."""
+    expected = (
+        "<s><|user|>1+1?\nBox it.\n<|assistant|><think>1+1=2 \\boxed{2}</think>\n"
+        "<|user|>2+3?\nBox it.\n<|assistant|><think>"
+    )
+    assert render_prompt(char_tokenizer(CHAT_TEMPLATE), "2+3?", SHOT) == expected
+    plain = "<s>1+1?\nBox it.\n<think>1+1=2 \\boxed{2}</think>\n\n2+3?\nBox it.\n<think>"
+    assert render_prompt(char_tokenizer(None), "2+3?", SHOT) == plain
+    assert SHOT.examples[0].answer.endswith("</think>")  # a mapping became an Example

