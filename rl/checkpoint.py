@@ -19,6 +19,10 @@ error says so). What each sharding stores is decided by its strategy in rl/paral
 - `zero2` / `zero3`: every process writes its part of the partitioned AdamW state (and, under zero3, of the float32
   master weights) with DeepSpeed's `save_checkpoint` into a staging folder that moves into the checkpoint as
   `deepspeed/`; `model/` holds the whole weights.
+
+A LoRA run (rl/lora.py) writes the adapters merged into a plain copy as `model/` (so the checkpoint still deploys
+as it is) and the adapter tensors themselves in `trainer_state.pt`; it resumes from the run's frozen base weights
+and those adapters, exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from rl.lora import load_adapters
 
 PREFIX = "step_"
 NAME = re.compile(rf"{PREFIX}(\d+)", re.ASCII)  # a checkpoint's directory name, matched whole
@@ -151,12 +157,14 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     extra_dirs: dict[str, Path] | None = None,
     profile: Any = None,
+    adapters: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `root/step_{state.step}` atomically and delete all but the newest `keep_last` checkpoints.
     `optimizer_state`: what `trainer_state.pt` keeps of the optimizer (None: it lives in an extra folder, as
     DeepSpeed's partitions do); `model_state`: a whole state dict gathered from a sharded model (None: the live
     `model`'s); `extra_dirs`: folders written elsewhere (a DeepSpeed engine checkpoint) moved in under the given
-    names. The parallel strategy (rl/parallel.py) decides each."""
+    names; `adapters`: a LoRA run's adapter tensors (rl/lora.py; `model` is then the merged plain copy). The
+    parallel strategy (rl/parallel.py) decides each."""
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
     if tmp.exists():
@@ -175,6 +183,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
             "state": asdict(state),
+            "adapters": adapters,
         },
         tmp / "trainer_state.pt",
     )
@@ -256,8 +265,12 @@ def restore_whole(loaded: LoadedCheckpoint, model: Any, optimizer: torch.optim.O
         raise ValueError(
             f"{loaded.blob['sharding']} checkpoint {loaded.path}: loading it needs the run's DeepSpeed engine"
         )
-    missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
-    check_model_keys(loaded.path, model, missing, unexpected)
+    adapters = loaded.blob.get("adapters")  # absent in checkpoints from before LoRA existed
+    if adapters is not None:  # model/ holds the merged copy; the base is the run's frozen start (rl/lora.py)
+        load_adapters(model, adapters, f"checkpoint {loaded.path}")
+    else:
+        missing, unexpected = model.load_state_dict(loaded.weights, strict=False)
+        check_model_keys(loaded.path, model, missing, unexpected)
     optimizer.load_state_dict(loaded.optimizer)
 
 

@@ -8,10 +8,11 @@ the base: 630M parameters of Qwen2.5-0.5B train as ~4M) and lets two runs share 
   rollouts are the base model's, and the optimizer sees only the adapters (it takes what requires grad).
 - The input embedding E and the output head are never adapted: σ, μ = p E and the soft inputs keep the base
   model's embeddings.
-- Checkpoints hold the live state (base and adapter tensors) and resume it exactly. What leaves a run as a model
-  (`final/`, `best/`) is the adapters merged into a plain copy (`plain_model`): `W + (α/r) B A`, loadable with
-  ordinary tools; `load_plain` loads such weights back into an adapted policy (base := merged, B := 0), the
-  same function.
+- Everything that leaves a run as a model (a checkpoint's `model/`, `final/`, `best/`) is the adapters merged into
+  a plain copy (`plain_model`: `W + (α/r) B A`), loadable with ordinary tools. A checkpoint also keeps the adapter
+  tensors themselves (`adapter_state`, in `trainer_state.pt`): the base is frozen at the run's starting weights
+  (`model.path`, read-only), so a resume loads those and the adapters (`load_adapters`), exactly. `load_plain`
+  loads merged weights back into an adapted policy (base := merged, B := 0): the same function.
 - One process or data parallel only: the sharded backends (fsdp2, zero2, zero3) are refused at start.
 """
 
@@ -134,3 +135,21 @@ def load_plain(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tupl
         for b in layer.lora_B.values():
             b.weight.zero_()
     return missing, unexpected
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of `model` (what a LoRA run trains), by state-dict key; empty without adapters."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@torch.no_grad()
+def load_adapters(model: torch.nn.Module, adapters: dict[str, torch.Tensor], where: str) -> None:
+    """Set `model`'s adapters to `adapters` (saved by `adapter_state`); the keys must be exactly the model's."""
+    state = model.state_dict()
+    mine = {k for k in state if "lora_" in k}
+    if mine != set(adapters):
+        missing, unexpected = sorted(mine - set(adapters)), sorted(set(adapters) - mine)
+        raise ValueError(f"{where}: its LoRA adapters do not match the model's: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (another rl.lora setting?)")  # fmt: skip
+    for key, value in adapters.items():
+        state[key].copy_(value)

@@ -43,7 +43,7 @@ from rl.checkpoint import (
     restore_whole,
     save_checkpoint,
 )
-from rl.lora import plain_model
+from rl.lora import adapter_state, plain_model
 from rl.optim import OptimConfig, StepResult, build_optimizer, build_scheduler, clip_and_step
 from rl.runtime import resolve_device
 from rl.sharding import (
@@ -157,9 +157,12 @@ class Single:
         model_state, optimizer_state = self.whole_state(with_optimizer=True)
         extra = self.write_partitions(root, state.step)
         if self.main:
+            # LoRA (one process or ddp): model/ gets the merged plain copy, the adapters go in trainer_state.pt
+            module = self.saveable()
+            adapters = adapter_state(module) if model_state is None else {}
             save_checkpoint(
                 root,
-                self.saveable(),
+                plain_model(module) if adapters else module,
                 tokenizer,
                 optimizer_state,
                 scheduler,
@@ -169,6 +172,7 @@ class Single:
                 model_state=model_state,
                 extra_dirs=extra,
                 profile=profile,
+                adapters=adapters or None,
             )
         self.barrier()
 
