@@ -3,7 +3,7 @@ every inference mode present in both, from evaluate.py's output folders. Prints 
 and after, the paired lift with its standard error over problems, and lift / SE) and writes it as JSON too.
 
     python scripts/paired_lift.py --before out/base --after out/hard out/soft --modes hard_greedy soft_sample \
-        --json docs/real_model/lifts.json
+        --json docs/real_model/lifts.json --entropy hard_sample --entropy-plot docs/real_model/entropy.png
 
 Each folder holds one evaluation per mode, `<folder>/<mode>/samples.jsonl` (evaluate.py's `output_dir`).
 Problems are paired by `uid`; a folder whose problems differ from the base's is an error naming both.
@@ -18,6 +18,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 
 from rewards import paired_lift, pass_at_k_per_problem
+from rl.evaluation import plot_entropy_by_position
 
 
 def per_problem_pass1(path: Path) -> dict[str, float | None]:
@@ -82,12 +83,28 @@ def main() -> None:
     ap.add_argument("--after", type=Path, nargs="+", required=True)
     ap.add_argument("--modes", nargs="+", required=True)
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument(
+        "--entropy", help="a mode whose CoT entropy profiles (summary.json) to plot, base and after"
+    )
+    ap.add_argument("--entropy-plot", type=Path, help="where the profile plot goes (with --entropy)")
     args = ap.parse_args()
+    if bool(args.entropy) != bool(args.entropy_plot):
+        ap.error("--entropy and --entropy-plot go together")
     rows = lifts(args.before, args.after, args.modes)
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.entropy:
+        curves, counts = {}, {}
+        for folder in [args.before, *args.after]:
+            summary = json.loads((folder / args.entropy / "summary.json").read_text())
+            curves[str(folder)] = summary["cot_entropy_by_position"]
+            counts[str(folder)] = summary["samples_at_position"]
+        args.entropy_plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_entropy_by_position(
+            curves, args.entropy_plot, counts=counts, title=f"CoT entropy, {args.entropy}"
+        )
 
 
 if __name__ == "__main__":
