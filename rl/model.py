@@ -148,11 +148,11 @@ def apply_profile(model: Any, overrides: list[str]) -> str | None:
     for key in PROFILE_KEYS:
         value = getattr(profile, key)
         if key == "prompt":
-            for sub, v in asdict(value).items():
+            for sub in asdict(value):
                 if f"model.prompt.{sub}" in given or "model.prompt" in given:
                     kept.append(f"model.prompt.{sub}")
                 else:
-                    model.prompt[sub] = v
+                    model.prompt[sub] = getattr(value, sub)  # typed: worked examples stay `Example`s
         elif f"model.{key}" in given:
             kept.append(f"model.{key}")
         else:

@@ -107,7 +107,9 @@ def test_a_lora_run_resumes_exactly_and_leaves_a_plain_merged_model(tiny_base, t
     die_after_step(first, 1)
     with pytest.raises(KeyboardInterrupt):
         first.run()
-    ckpt = tmp_path / "b" / "checkpoints" / "step_000001" / "model"  # a deployable plain model, not adapter keys
+    ckpt = (
+        tmp_path / "b" / "checkpoints" / "step_000001" / "model"
+    )  # a deployable plain model, not adapter keys
     assert not any("lora" in k for k in load_policy(ModelConfig(path=str(ckpt)), "cpu")[0].state_dict())
     second = make_trainer(run_b)
     assert second.state.step == 1

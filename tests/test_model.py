@@ -110,3 +110,18 @@ def test_train_and_evaluate_take_the_cot_limits_from_the_model() -> None:
     )  # the paper's evaluation budget
     own = to_object(compose("train", ["cot.max_think_tokens=20"]), TrainConfig)
     assert own.cot.max_think_tokens == 20  # an explicit setting still wins
+
+
+def test_a_profile_with_worked_examples_applies_over_a_recipe(tmp_path: Path) -> None:
+    """A trained model's prompt with few-shot `examples` (read back from JSON as mappings) sets the typed config."""
+    from rl.prompts import Example
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    prompt = PromptConfig("Box it.", examples=[Example("1+1?", "2 </t>")], think_end="</t>")
+    ModelProfile(prompt, 40, 12, {"entry": 0.5, "row": 2.0}, "softgrpo train step 3").save(model_dir)
+    overrides = [f"model.path={model_dir}"]
+    raw = compose("evaluate", overrides)
+    apply_profile(raw.model, overrides)
+    assert to_object(raw, EvaluateConfig).model.prompt.examples == [Example("1+1?", "2 </t>")]
