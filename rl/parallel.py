@@ -87,6 +87,8 @@ class Single:
     name = "none"
     sharding = "none"
     can_diagnose = True  # torch.autograd.grad reaches every parameter (the CoT-term gradient norm)
+    # every process holds the whole live model: LoRA adapters (rl/lora.py) can be injected, merged and saved
+    whole_model = True
 
     def __init__(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
         self.device, self.rank, self.world = device, rank, world
@@ -232,6 +234,7 @@ class FSDP2(DataParallel):
 
     name = "fsdp2"
     sharding = "fsdp2"
+    whole_model = False
     can_diagnose = (
         False  # autograd.grad cannot reach sharded parameters (their gradients arrive through hooks)
     )
@@ -275,6 +278,7 @@ class Zero(DataParallel):
     of the policy, refreshed after every update (rl/sharding.py `GenerationCopy`)."""
 
     can_diagnose = False
+    whole_model = False
 
     def __init__(self, device: torch.device, rank: int, world: int, stage: int, persistence_threshold: int):
         super().__init__(device, rank, world)

@@ -44,7 +44,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
         tcfg.sharding, tcfg.device, cfg.rl.micro_batch, tcfg.zero3_persistence_threshold
     )
     tcfg.check_processes(parallel.world)
-    if cfg.rl.lora.enabled and parallel.sharding != "none":
+    if cfg.rl.lora.enabled and not parallel.whole_model:
         raise ValueError(
             f"rl.lora.rank={cfg.rl.lora.rank} with trainer.sharding={parallel.sharding}: LoRA runs on one process "
             "or data parallel (sharding none); drop the sharding or set rl.lora.rank=0"

@@ -127,3 +127,12 @@ def test_a_lora_run_resumes_exactly_and_leaves_a_plain_merged_model(tiny_base, t
     with torch.no_grad():  # the policy after training is best/'s weights, whichever step they are
         torch.testing.assert_close(chosen(input_ids=ids).logits, best.model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5, msg=f"selected step {selected}")  # fmt: skip
+
+
+def test_lora_runs_only_where_every_process_holds_the_whole_model() -> None:
+    """scripts/train.py refuses rl.lora.rank > 0 under a strategy whose processes hold shards (fsdp2, zero2/3):
+    adapters cannot be merged or saved from a shard."""
+    from rl.parallel import FSDP2, DataParallel, Single, Zero
+
+    assert Single.whole_model and DataParallel.whole_model
+    assert not FSDP2.whole_model and not Zero.whole_model
