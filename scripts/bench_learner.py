@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from dataclasses import replace
 
 import _bootstrap  # noqa: F401
@@ -74,7 +75,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()  # Hydra overrides may come before or after the options
     register_configs()
-    raw = compose("train", [*args.overrides, "output_dir=/tmp/bench_learner", "trainer.resume=never"])
+    scratch = tempfile.mkdtemp(prefix="bench_learner_")  # a fresh run directory each time (resume=never)
+    raw = compose("train", [*args.overrides, f"output_dir={scratch}", "trainer.resume=never"])
     prepare_model(raw, args.overrides)  # the tiny base built if missing; a model directory's profile
     cfg = to_object(raw, TrainConfig)
     trainer = build_trainer(cfg)
