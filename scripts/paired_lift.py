@@ -24,7 +24,9 @@ from rl.evaluation import plot_entropy_by_position
 def per_problem_pass1(path: Path) -> dict[str, float | None]:
     """{uid: pass@1 of its samples} from an evaluate.py samples.jsonl."""
     if not path.is_file():
-        raise SystemExit(f"{path} does not exist: expected an evaluate.py output_dir per mode, <folder>/<mode>/")
+        raise SystemExit(
+            f"{path} does not exist: expected an evaluate.py output_dir per mode, <folder>/<mode>/"
+        )
     out = {}
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
