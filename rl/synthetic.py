@@ -11,7 +11,9 @@ True
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 NAMES = (
     "Ann",
@@ -111,22 +113,37 @@ def _example(rng: random.Random, cfg: SyntheticConfig) -> SyntheticExample:
 def make_examples(cfg: SyntheticConfig, split: str) -> list[SyntheticExample]:
     """The `split` ("train" or "test") of the task, deterministic for `cfg`. Test questions never occur in
     train; the test split does not depend on `num_train`."""
+    return disjoint_split(lambda rng: _example(rng, cfg), cfg.seed, cfg.num_train, cfg.num_test, split,
+                          f"synthetic task ({cfg})")  # fmt: skip
+
+
+T = TypeVar("T")
+
+
+def disjoint_split(
+    draw: Callable[[random.Random], T], seed: object, num_train: int, num_test: int, split: str, what: str
+) -> list[T]:
+    """The `split` of a generated task whose items (with a `.question`) come from `draw`: `num_test` distinct
+    test items from the seed `f"{seed}-test"`, then `num_train` distinct train items from `f"{seed}-train"`
+    with no test question among them (so the test split does not depend on `num_train`)."""
     if split not in ("train", "test"):
-        raise ValueError(f"synthetic split {split!r}: expected 'train' or 'test'")
-    test = _unique(random.Random(f"{cfg.seed}-test"), cfg, cfg.num_test, exclude=set())
+        raise ValueError(f"{what}: split {split!r}: expected 'train' or 'test'")
+    test = _unique(random.Random(f"{seed}-test"), draw, num_test, set(), what)
     if split == "test":
         return test
-    return _unique(random.Random(f"{cfg.seed}-train"), cfg, cfg.num_train, exclude={e.question for e in test})
+    return _unique(random.Random(f"{seed}-train"), draw, num_train, {e.question for e in test}, what)
 
 
-def _unique(rng: random.Random, cfg: SyntheticConfig, n: int, exclude: set[str]) -> list[SyntheticExample]:
+def _unique(
+    rng: random.Random, draw: Callable[[random.Random], T], n: int, exclude: set[str], what: str
+) -> list[T]:
     seen, out = set(exclude), []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ValueError(f"synthetic task: cannot draw {n} distinct problems with {cfg}; widen the knobs")
-        ex = _example(rng, cfg)
+            raise ValueError(f"{what}: cannot draw {n} distinct problems; widen the knobs")
+        ex = draw(rng)
         if ex.question not in seen:
             seen.add(ex.question)
             out.append(ex)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from rl.synthetic import disjoint_split
+
 NAMES = (
     "Amara", "Ben", "Carlos", "Dana", "Elif", "Farah", "George", "Hana", "Ivan", "Julia", "Kenji", "Lena",
     "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Yusuf",
@@ -127,23 +129,6 @@ def _problem(rng: random.Random, cfg: WordProblemConfig) -> WordProblem:
 
 
 def make_word_problems(cfg: WordProblemConfig, split: str) -> list[WordProblem]:
-    """The `split` ("train" or "test") of the task, deterministic for `cfg`."""
-    if split not in ("train", "test"):
-        raise ValueError(f"word_problems split {split!r}: expected 'train' or 'test'")
-    test = _unique(random.Random(f"{cfg.seed}-test"), cfg, cfg.num_test, exclude=set())
-    if split == "test":
-        return test
-    return _unique(random.Random(f"{cfg.seed}-train"), cfg, cfg.num_train, exclude={p.question for p in test})
-
-
-def _unique(rng: random.Random, cfg: WordProblemConfig, n: int, exclude: set[str]) -> list[WordProblem]:
-    seen, out, attempts = set(exclude), [], 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ValueError(f"word_problems: cannot draw {n} distinct problems with {cfg}; widen the knobs")
-        p = _problem(rng, cfg)
-        if p.question not in seen:
-            seen.add(p.question)
-            out.append(p)
-    return out
+    """The `split` ("train" or "test") of the task, deterministic for `cfg` (rl.synthetic.disjoint_split)."""
+    return disjoint_split(lambda rng: _problem(rng, cfg), cfg.seed, cfg.num_train, cfg.num_test, split,
+                          f"word_problems ({cfg})")  # fmt: skip
