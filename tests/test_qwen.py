@@ -26,7 +26,7 @@ from rollouts.config import CotConfig
 from rollouts.distributions import embedding_rms, noise_sigma
 from rollouts.engine import generate, input_embedding_matrix
 from rollouts.stopping import StopSpec
-from tests.test_smollm2 import _accepting_step
+from tests.test_smollm2 import phrase_cases_hold
 
 REPO = Path(__file__).resolve().parents[1]
 PHRASE = "The final answer is:"
@@ -150,15 +150,7 @@ def test_the_phrase_and_prefill_on_the_qwen_tokenizer(policy) -> None:
         "The final answer is 74": False,
         "The final answer: is 74": False,
     }
-    merged = 0
-    for text, holds in cases.items():
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        first = next((k for k in range(len(ids)) if PHRASE in tokenizer.decode(ids[: k + 1])), None)
-        assert (first is not None) == holds, text
-        assert _accepting_step(stop.phrase_table, ids) == first, (text, tokenizer.convert_ids_to_tokens(ids))
-        if holds:
-            merged += not tokenizer.decode(ids[first : first + 1]).endswith(":")
-    assert merged >= 1, "no case has the colon merged with what follows"
+    assert phrase_cases_hold(tokenizer, stop, cases) >= 1, "no case has the colon merged with what follows"
     assert stop.forced["phrase"] == tuple(tokenizer(" \\boxed{", add_special_tokens=False).input_ids)
     assert tokenizer.decode(stop.forced["max_tokens"]) == "The final answer is: \\boxed{"
     assert tokenizer.eos_token == "<|im_end|>"

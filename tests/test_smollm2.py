@@ -137,6 +137,21 @@ def _accepting_step(table: torch.Tensor, ids: list[int]) -> int | None:
     return None
 
 
+def phrase_cases_hold(tokenizer, stop: StopSpec, cases: dict[str, bool]) -> int:
+    """Each text holds the phrase or not as `cases` says, and the automaton accepts at exactly the first token whose
+    decoded prefix holds it; returns how many of them complete the phrase with a token that merges its colon with
+    the next characters."""
+    merged = 0
+    for text, holds in cases.items():
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        first = next((k for k in range(len(ids)) if PHRASE in tokenizer.decode(ids[: k + 1])), None)
+        assert (first is not None) == holds, text
+        assert _accepting_step(stop.phrase_table, ids) == first, (text, tokenizer.convert_ids_to_tokens(ids))
+        if holds:
+            merged += not tokenizer.decode(ids[first : first + 1]).endswith(":")
+    return merged
+
+
 def test_the_phrase_is_found_in_decoded_bpe_text_merges_included(policy) -> None:
     """The paper's stop phrase on SmolLM2's BPE: the automaton accepts at exactly the first token whose decoded
     prefix holds the phrase, also where BPE merges its colon with what follows (`:**`, `::`), and never on
@@ -153,16 +168,7 @@ def test_the_phrase_is_found_in_decoded_bpe_text_merges_included(policy) -> None
         "The final answer is 18": False,
         "The final answer: is 18": False,
     }
-    merged = 0
-    for text, holds in cases.items():
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        first = next((k for k in range(len(ids)) if PHRASE in tokenizer.decode(ids[: k + 1])), None)
-        assert (first is not None) == holds, text
-        assert _accepting_step(stop.phrase_table, ids) == first, (text, tokenizer.convert_ids_to_tokens(ids))
-        if holds:
-            completing = tokenizer.decode(ids[first : first + 1])
-            merged += completing.endswith(":") is False  # the colon arrives merged with the next characters
-    assert merged >= 2, "the cases no longer exercise a colon merged with what follows"
+    assert phrase_cases_hold(tokenizer, stop, cases) >= 2, "no longer a colon merged with what follows"
     assert stop.forced["phrase"] == tuple(tokenizer(" \\boxed{", add_special_tokens=False).input_ids)
     assert tokenizer.decode(stop.forced["max_tokens"]) == "The final answer is: \\boxed{"
 
