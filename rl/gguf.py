@@ -160,7 +160,7 @@ def read_conversion(out: Path) -> Conversion | None:
     return Conversion(**record) if "version" in record else None
 
 
-def convert(gguf: Path, out: Path, source: str, digest: str | None = None) -> Conversion:
+def convert(gguf: Path, out: Path, source: str, digest: str) -> Conversion:
     """Dequantise `gguf` into a plain float32 model directory `out` (written whole, then renamed into place)."""
     import torch
     import transformers
@@ -185,7 +185,7 @@ def convert(gguf: Path, out: Path, source: str, digest: str | None = None) -> Co
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     record = Conversion(
-        source, VERSION, digest or sha256(gguf), round(time.time() - start, 1), transformers.__version__
+        source, VERSION, digest, round(time.time() - start, 1), transformers.__version__
     )
     (tmp / CONVERSION_FILE).write_text(json.dumps(asdict(record), indent=2) + "\n")
     if out.exists():
